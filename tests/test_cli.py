@@ -1,0 +1,196 @@
+"""The watcher's command line as a real process: --once, --dry-run, config files, rejected input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, Samples, run_watcher, write_file
+
+RUN = "20251027_110846"
+
+
+def ck(step: int, seed: int = 42) -> str:
+    return f"model_v2_step{step}_{RUN}_s{seed}.pt"
+
+
+@pytest.fixture
+def folder(tmp_path: Path, samples: Samples) -> Path:
+    """A folder with five valid checkpoints of one series, written with falling file times."""
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for index, step in enumerate((100, 200, 300, 400, 500)):
+        write_file(folder / ck(step), samples.valid, mtime=1_700_000_000 - index * 60)
+    return folder
+
+
+def names(folder: Path) -> set[str]:
+    return {path.name for path in folder.iterdir()}
+
+
+def test_once_prunes_and_logs(folder: Path) -> None:
+    result = run_watcher(str(folder), "--once")
+
+    assert result.returncode == 0, result.stderr
+    assert names(folder) == {ck(400), ck(500), ".ckpt-watcher.lock"}
+    for step in (100, 200, 300):
+        line = next(line for line in result.stderr.splitlines() if f"'{ck(step)}'" in line)
+        assert "pruned" in line
+        assert f"step {step}" in line
+        assert f"series 'model_v2_step_{RUN}_s42.pt'" in line
+        assert "older than the newest 2 valid checkpoints" in line
+    assert "3 pruned" in result.stderr or "pruned 3" in result.stderr
+    assert "policy: In " in result.stderr
+
+
+def test_dry_run_deletes_nothing(folder: Path) -> None:
+    before = names(folder)
+
+    result = run_watcher(str(folder), "--once", "--dry-run")
+
+    assert result.returncode == 0, result.stderr
+    assert names(folder) - {".ckpt-watcher.lock"} == before
+    would = result.stdout.splitlines()
+    assert len(would) == 3
+    assert all(line.startswith("would prune 'model_v2_step") for line in would)
+    assert all("older than the newest" in line for line in would)
+
+
+def test_config_file_and_override(folder: Path, tmp_path: Path) -> None:
+    config = tmp_path / "policy.yaml"
+    config.write_text(f"directory: {folder}\nkeep_last: 1\nmilestones: [200]\n")
+
+    result = run_watcher("--config", str(config), "--once", "--keep-last", "3")
+
+    assert result.returncode == 0, result.stderr
+    assert names(folder) == {ck(200), ck(300), ck(400), ck(500), ".ckpt-watcher.lock"}
+
+
+def test_config_keep_every(folder: Path, tmp_path: Path) -> None:
+    config = tmp_path / "policy.yaml"
+    config.write_text(f"directory: {folder}\nkeep_last: 1\nkeep_every: 200\n")
+
+    result = run_watcher("--config", str(config), "--once")
+
+    assert result.returncode == 0, result.stderr
+    assert names(folder) == {ck(200), ck(400), ck(500), ".ckpt-watcher.lock"}
+
+
+REJECTED_CONFIGS = [
+    ("keep_lastt: 2\n", "unknown key 'keep_lastt'"),
+    ("keep_last: two\n", "keep_last"),
+    ("keep_last: true\n", "keep_last"),
+    ("keep_last: 0\n", "keep_last must be >= 1"),
+    ("keep_last: 2.5\n", "keep_last"),
+    ("keep_every: 0\n", "keep_every"),
+    ("milestones: 1000\n", "milestones must be a list"),
+    ("milestones: [1000, x]\n", "milestones"),
+    ("milestones: [-5]\n", "milestones"),
+    ("pattern: model.pt\n", "has no '*'"),
+    ("pattern: 'sub/model_*.pt'\n", "path separator"),
+    ("pattern: '..model_*.pt'\n", "'..'"),
+    ("pattern: 5\n", "pattern must be a string"),
+    ("dry_run: yes please\n", "dry_run must be true or false"),
+    ("keep_last: 2: 3\n", "not valid YAML at line 1"),
+    ("keep_last: 2\n  bad: indent\n", "not valid YAML at line 2"),
+    ("- keep_last\n- 2\n", "must be a mapping"),
+    ("just text\n", "must be a mapping"),
+    ("rescan_interval: 0\n", "rescan_interval"),
+]
+
+
+@pytest.mark.parametrize("text, message", REJECTED_CONFIGS)
+def test_config_rejected(folder: Path, tmp_path: Path, text: str, message: str) -> None:
+    before = names(folder)
+    config = tmp_path / "policy.yaml"
+    config.write_text(text)
+
+    result = run_watcher(str(folder), "--config", str(config), "--once")
+
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert names(folder) == before
+
+
+REJECTED_ARGUMENTS = [
+    (["--keep-last", "0"], "invalid --keep-last"),
+    (["--keep-last", "-3"], "invalid --keep-last"),
+    (["--keep-last", "two"], "invalid int value: 'two'"),
+    (["--keep-every", "0"], "invalid --keep-every"),
+    (["--milestones", "100,abc"], "invalid milestone 'abc'"),
+    (["--pattern", "model.pt"], "has no '*'"),
+    (["--pattern", "../model_*.pt"], "path separator"),
+    (["--rescan-interval", "0"], "rescan_interval"),
+    (["--no-such-option"], "unrecognized arguments"),
+]
+
+
+@pytest.mark.parametrize("arguments, message", REJECTED_ARGUMENTS)
+def test_argument_rejected(folder: Path, arguments: list[str], message: str) -> None:
+    before = names(folder)
+
+    result = run_watcher(str(folder), "--once", *arguments)
+
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert names(folder) == before
+
+
+def test_missing_config_file(folder: Path, tmp_path: Path) -> None:
+    result = run_watcher(str(folder), "--config", str(tmp_path / "nope.yaml"), "--once")
+
+    assert result.returncode == 2
+    assert "nope.yaml' not found" in result.stderr
+
+
+def test_missing_directory(tmp_path: Path) -> None:
+    result = run_watcher("--once")
+
+    assert result.returncode == 2
+    assert "missing checkpoint folder" in result.stderr
+
+
+def test_missing_folder_once(tmp_path: Path) -> None:
+    result = run_watcher(str(tmp_path / "absent"), "--once")
+
+    assert result.returncode == 1
+    assert "absent' not found" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_folder_is_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "file"
+    path.write_text("x")
+
+    result = run_watcher(str(path), "--once")
+
+    assert result.returncode == 1
+    assert "is not a folder" in result.stderr
+    assert path.read_text() == "x"
+
+
+def test_help_lists_exit_codes() -> None:
+    result = run_watcher("--help")
+
+    assert result.returncode == 0
+    assert "exit status:" in result.stdout
+    for code in ("0  done", "1  runtime failure", "2  invalid arguments"):
+        assert code in result.stdout
+
+
+def test_watcher_never_imports_torch(folder: Path) -> None:
+    code = (
+        "import sys; from watcher.cli import main; import watcher.daemon; "
+        f"status = main([{str(folder)!r}, '--once', '-q']); "
+        "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(status)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=False
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert ck(100) not in names(folder)

@@ -1,0 +1,254 @@
+"""The daemon as a real process with the real watchdog observer: events, folders, signals, logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import time
+from pathlib import Path
+
+import pytest
+from conftest import Samples, save_atomically, wait_until, write_file
+
+RUN = "20251027_110846"
+LOCK = ".ckpt-watcher.lock"
+
+
+def ck(step: int, seed: int = 42) -> str:
+    return f"model_v2_step{step}_{RUN}_s{seed}.pt"
+
+
+def checkpoints(folder: Path) -> set[str]:
+    return {name for name in os.listdir(folder) if name.startswith("model_v2_step")}
+
+
+def steps_left(folder: Path) -> list[int]:
+    return sorted(int(name.split("_")[2][len("step") :]) for name in checkpoints(folder))
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    path = tmp_path / "checkpoints"
+    path.mkdir()
+    return path
+
+
+def test_startup_pass_then_events(folder: Path, samples: Samples, start_watcher) -> None:
+    for step in (1, 2, 3, 4):
+        write_file(folder / ck(step), samples.valid)
+    watcher = start_watcher(str(folder))
+
+    assert wait_until(lambda: steps_left(folder) == [3, 4])
+    save_atomically(folder / ck(5), samples.valid)
+    assert wait_until(lambda: steps_left(folder) == [4, 5])
+    write_file(folder / ck(6), samples.valid)  # in place, as torch.save does
+    assert wait_until(lambda: steps_left(folder) == [5, 6])
+
+    assert watcher.stop() == 0
+    assert "with the inotify observer" in watcher.log
+
+
+def test_slow_writer_never_costs_a_valid_checkpoint(
+    folder: Path, samples: Samples, start_watcher
+) -> None:
+    for step in (1, 2):
+        write_file(folder / ck(step), samples.valid)
+    watcher = start_watcher(str(folder))
+    assert watcher.wait_for_log("pass done")
+
+    data = samples.valid  # one real file, written 64 bytes at a time
+    with open(folder / ck(3), "wb") as file:
+        for start in range(0, len(data), 64):
+            assert steps_left(folder) == [1, 2, 3], "a valid checkpoint was pruned mid-write"
+            file.write(data[start : start + 64])
+            file.flush()
+            time.sleep(0.002)
+    assert wait_until(lambda: steps_left(folder) == [2, 3])
+    assert watcher.stop() == 0
+
+
+def test_burst_of_saves_converges(folder: Path, samples: Samples, start_watcher) -> None:
+    watcher = start_watcher(str(folder), "--keep-every", "100")
+    assert watcher.wait_for_log("pass done")
+
+    for step in range(1, 501):
+        save_atomically(folder / ck(step), samples.valid)
+
+    expected = [100, 200, 300, 400, 498, 499, 500]  # 500 is a milestone and takes no place
+    assert wait_until(lambda: steps_left(folder) == expected, timeout=30), steps_left(folder)
+    passes = watcher.log.count("pass done")
+    assert passes < 500, f"{passes} passes for 500 saves: events were not coalesced"
+    assert watcher.stop() == 0
+
+
+def test_moved_in_from_another_folder(
+    folder: Path, tmp_path: Path, samples: Samples, start_watcher
+) -> None:
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    for step in (1, 2, 3):
+        write_file(staging / ck(step), samples.valid)
+    watcher = start_watcher(str(folder))
+    assert watcher.wait_for_log("pass done")
+
+    for step in (1, 2, 3):
+        os.rename(staging / ck(step), folder / ck(step))
+
+    assert wait_until(lambda: steps_left(folder) == [2, 3])
+    assert watcher.stop() == 0
+
+
+def test_folder_created_later(tmp_path: Path, samples: Samples, start_watcher) -> None:
+    folder = tmp_path / "later"
+    watcher = start_watcher(str(folder))
+    assert watcher.wait_for_log("waiting for it to appear")
+
+    folder.mkdir()
+    for step in (1, 2, 3):
+        write_file(folder / ck(step), samples.valid)
+
+    assert wait_until(lambda: steps_left(folder) == [2, 3])
+    assert watcher.log.count("waiting for it to appear") == 1
+    assert watcher.stop() == 0
+
+
+def test_folder_deleted_and_recreated(folder: Path, samples: Samples, start_watcher) -> None:
+    watcher = start_watcher(str(folder))
+    assert watcher.wait_for_log("pass done")
+
+    shutil.rmtree(folder)
+    assert watcher.wait_for_log("was deleted or moved away")
+    folder.mkdir()
+    for step in (7, 8, 9):
+        save_atomically(folder / ck(step), samples.valid)
+
+    assert wait_until(lambda: steps_left(folder) == [8, 9])
+    assert (folder / LOCK).exists()
+    assert watcher.process.poll() is None
+    assert watcher.stop() == 0
+
+
+def test_folder_renamed_away(folder: Path, tmp_path: Path, samples: Samples, start_watcher) -> None:
+    watcher = start_watcher(str(folder))
+    assert watcher.wait_for_log("pass done")
+
+    os.rename(folder, tmp_path / "renamed")
+    folder.mkdir()
+    for step in (1, 2, 3):
+        write_file(folder / ck(step), samples.valid)
+
+    assert wait_until(lambda: steps_left(folder) == [2, 3])
+    assert watcher.stop() == 0
+
+
+def test_second_watcher_refused(folder: Path, start_watcher) -> None:
+    first = start_watcher(str(folder))
+    assert first.wait_for_log("pass done")
+
+    second = start_watcher(str(folder))
+    assert second.process.wait(15) == 1
+    assert f"another watcher (process {first.process.pid})" in second.log
+    assert str(folder) in second.log
+
+    once = start_watcher(str(folder), "--once")
+    assert once.process.wait(15) == 1
+    assert f"process {first.process.pid}" in once.log
+    assert first.process.poll() is None
+    assert first.stop() == 0
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_stop_signal_exits_zero(folder: Path, start_watcher, signum: int) -> None:
+    watcher = start_watcher(str(folder))
+    assert watcher.wait_for_log("pass done")
+
+    assert watcher.stop(signum) == 0
+    assert f"received {signal.Signals(signum).name}" in watcher.log
+    assert "stopped" in watcher.log
+
+
+def test_sighup_reload(folder: Path, tmp_path: Path, samples: Samples, start_watcher) -> None:
+    config = tmp_path / "policy.yaml"
+    config.write_text(f"directory: {folder}\nkeep_last: 3\n")
+    for step in (1, 2, 3, 4):
+        write_file(folder / ck(step), samples.valid)
+    watcher = start_watcher("--config", str(config))
+    assert wait_until(lambda: steps_left(folder) == [2, 3, 4])
+
+    config.write_text(f"directory: {folder}\nkeep_last: 1\n")
+    watcher.process.send_signal(signal.SIGHUP)
+    assert wait_until(lambda: steps_left(folder) == [4])
+    assert "config reloaded" in watcher.log
+
+    config.write_text("keep_last: [oops\n")
+    watcher.process.send_signal(signal.SIGHUP)
+    assert watcher.wait_for_log("config reload failed, keeping the current policy")
+    save_atomically(folder / ck(5), samples.valid)
+    assert wait_until(lambda: steps_left(folder) == [5])
+    assert watcher.process.poll() is None
+    assert watcher.stop() == 0
+
+
+def test_polling_mode(folder: Path, samples: Samples, start_watcher) -> None:
+    watcher = start_watcher(str(folder), "--polling")
+    assert watcher.wait_for_log("with the polling observer")
+
+    for step in (1, 2, 3):
+        save_atomically(folder / ck(step), samples.valid)
+
+    assert wait_until(lambda: steps_left(folder) == [2, 3])
+    assert watcher.stop() == 0
+
+
+def test_json_logs(folder: Path, samples: Samples, start_watcher) -> None:
+    for step in (1, 2, 3):
+        write_file(folder / ck(step), samples.valid)
+    watcher = start_watcher(str(folder), "--log-format", "json")
+    assert wait_until(lambda: steps_left(folder) == [2, 3])
+    assert watcher.stop() == 0
+
+    records = [json.loads(line) for line in watcher.log.splitlines()]
+    assert records, "no log lines"
+    assert all({"time", "level", "logger", "message"} <= set(record) for record in records)
+    pruned = [record for record in records if record["message"].startswith("pruned")]
+    assert len(pruned) == 1
+    assert ck(1) in pruned[0]["message"]
+
+
+def test_sd_notify_messages(folder: Path, tmp_path: Path, start_watcher) -> None:
+    address = str(tmp_path / "notify.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(address)
+    server.settimeout(10)
+    try:
+        watcher = start_watcher(
+            str(folder), env={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "200000"}
+        )
+        messages = [server.recv(4096).decode() for _ in range(4)]
+        assert messages[0].startswith("READY=1\nSTATUS=pass done")
+        assert "WATCHDOG=1" in messages[1:]
+
+        watcher.process.send_signal(signal.SIGTERM)
+        rest = []
+        while "STOPPING=1" not in rest:
+            rest.append(server.recv(4096).decode())
+        assert watcher.process.wait(15) == 0
+    finally:
+        server.close()
+
+
+def test_dead_observer_is_replaced(folder: Path, samples: Samples, start_watcher) -> None:
+    watcher = start_watcher(str(folder), env={"CKPT_WATCHER_TEST_FAULT": "handler"})
+    assert watcher.wait_for_log("pass done")
+
+    save_atomically(folder / ck(1), samples.valid)  # this event kills the dispatch thread
+    assert watcher.wait_for_log("event dispatch thread died")
+    assert watcher.wait_for_log("restarted the inotify observer")
+    for step in (2, 3):
+        save_atomically(folder / ck(step), samples.valid)
+
+    assert wait_until(lambda: steps_left(folder) == [2, 3])
+    assert watcher.stop() == 0

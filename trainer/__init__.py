@@ -1,0 +1,1 @@
+"""Trainer of a small language model that writes checkpoints for ckpt-watcher to manage."""

@@ -1,0 +1,410 @@
+"""The long-running watcher: when to run a pass, and everything that keeps it running for weeks.
+
+The daemon owns no retention logic. The main thread runs every pass; the watchdog observer's
+threads only set a flag and wake it. A pass runs at start, as soon as a relevant event arrives,
+and at least every `rescan_interval` seconds, which catches events lost to a queue overflow or
+made while the watcher was down. Events that arrive during a pass are coalesced into one more pass.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.polling import PollingObserver
+
+from watcher.config import ConfigError, Policy
+from watcher.lock import LockError, acquire_lock
+from watcher.mounts import network_filesystem
+from watcher.notify import Notifier
+from watcher.passes import FolderError, Pruner, open_folder
+from watcher.policy import UnsafePlanError
+from watcher.scan import LOCK_NAME
+
+log = logging.getLogger(__name__)
+
+FOLDER_CHECK_INTERVAL = 1.0
+"""Seconds between checks that the folder still exists and is the one being watched. Renaming the
+watched folder gives no event, so only this check notices it."""
+WAIT_INTERVAL = 0.1
+"""Seconds between checks for a folder that does not exist yet, so that a trainer starting up
+gets its first checkpoints pruned within a fraction of a second."""
+POLL_INTERVAL = 1.0
+"""Seconds between listings made by the polling observer."""
+MAX_OBSERVER_RESTARTS = 5
+RESTART_WINDOW = 600.0
+"""More than MAX_OBSERVER_RESTARTS within this many seconds ends the daemon with status 1, so the
+service manager restarts it from scratch."""
+FAULT_ENV = "CKPT_WATCHER_TEST_FAULT"
+"""Set to 'handler' to make the event handler raise past its guard once; used by the tests to
+prove that a dead observer thread is noticed and replaced."""
+
+EXIT_OK = 0
+EXIT_RUNTIME = 1
+
+
+@dataclass
+class _Watch:
+    path: str
+    dir_fd: int
+    lock_fd: int
+    identity: tuple[int, int]
+    observer: BaseObserver
+    observer_kind: str
+
+
+class _EventHandler(FileSystemEventHandler):
+    """Wake the daemon for events that can change the retention decision."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self._daemon = daemon
+        self._fault = os.environ.get(FAULT_ENV) == "handler"
+
+    def dispatch(self, event: FileSystemEvent) -> None:
+        if self._fault:
+            self._fault = False
+            raise RuntimeError(f"fault injected by {FAULT_ENV}")
+        try:
+            log.debug("event %s %s -> %s", event.event_type, event.src_path, event.dest_path)
+            if self._daemon.is_relevant(event):
+                self._daemon.request_pass()
+        except Exception:
+            # An exception escaping here would end the observer's dispatch thread silently.
+            log.exception("failed to handle event %r; running a full pass instead", event)
+            self._daemon.request_pass()
+
+
+class _OverflowHandler(logging.Handler):
+    """Turn watchdog's queue overflow warning into a full pass, since events were lost."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        super().__init__(logging.WARNING)
+        self._daemon = daemon
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "overflow" in record.getMessage().lower():
+            self._daemon.request_pass()
+
+
+class Daemon:
+    def __init__(
+        self,
+        policy: Policy,
+        load_policy: Callable[[], Policy],
+        notifier: Notifier | None = None,
+    ) -> None:
+        self.policy = policy
+        self._load_policy = load_policy
+        self._notifier = notifier or Notifier()
+        self._pruner = Pruner(policy)
+        self._wake = threading.Event()
+        self._pass_requested = True
+        self._stop_requested = False
+        self._reload_requested = False
+        self._watch: _Watch | None = None
+        self._last_pass = 0.0
+        self._last_folder_check = 0.0
+        self._next_ping = 0.0
+        self._waiting_reported = False
+        self._ready_sent = False
+        self._restarts: collections.deque[float] = collections.deque()
+        self._overflow_handler = _OverflowHandler(self)
+
+    # Called from other threads and signal handlers: set a flag, then wake the main loop.
+
+    def request_pass(self) -> None:
+        self._pass_requested = True
+        self._wake.set()
+
+    def request_stop(self, signum: int, _frame=None) -> None:
+        log.info(
+            "received %s: finishing the current pass, then stopping", signal.Signals(signum).name
+        )
+        self._stop_requested = True
+        self._wake.set()
+
+    def request_reload(self, _signum: int, _frame=None) -> None:
+        self._reload_requested = True
+        self._wake.set()
+
+    def is_relevant(self, event: FileSystemEvent) -> bool:
+        """Return whether an event can change what a pass decides."""
+        kind = event.event_type
+        if kind in ("opened", "closed_no_write"):
+            return False
+        watch = self._watch
+        if event.is_directory:
+            return watch is not None and event.src_path == watch.path
+        names = [os.path.basename(event.src_path)]
+        if event.dest_path:
+            names.append(os.path.basename(event.dest_path))
+        if LOCK_NAME in names:
+            return False
+        if any(self._pruner.matcher.match(name) for name in names):
+            return True
+        # A link that appears or goes changes which checkpoints are protected.
+        if kind == "deleted":
+            return True
+        if kind in ("created", "moved"):
+            return os.path.islink(event.dest_path or event.src_path)
+        return False
+
+    def run(self) -> int:
+        """Watch until SIGTERM or SIGINT and return the exit status."""
+        previous = {
+            signal.SIGTERM: signal.signal(signal.SIGTERM, self.request_stop),
+            signal.SIGINT: signal.signal(signal.SIGINT, self.request_stop),
+            signal.SIGHUP: signal.signal(signal.SIGHUP, self.request_reload),
+        }
+        logging.getLogger("watchdog.observers").addHandler(self._overflow_handler)
+        try:
+            return self._loop()
+        except LockError as error:
+            log.error("%s", error)
+            return EXIT_RUNTIME
+        finally:
+            self._notifier.stopping()
+            self._detach()
+            logging.getLogger("watchdog.observers").removeHandler(self._overflow_handler)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            self._notifier.close()
+            log.info("stopped")
+
+    def _loop(self) -> int:
+        while not self._stop_requested:
+            if self._reload_requested:
+                self._reload_requested = False
+                self._reload()
+            now = time.monotonic()
+            if self._watch is None:
+                self._attach()
+            elif now - self._last_folder_check >= FOLDER_CHECK_INTERVAL or self._pass_requested:
+                self._last_folder_check = now
+                if self._folder_replaced():
+                    self._detach()
+                    continue
+                if not self._observer_healthy() and not self._restart_observer():
+                    return EXIT_RUNTIME
+
+            if self._watch is not None and self._pass_due():
+                self._pass_requested = False
+                self._run_pass()
+            self._ping_watchdog()
+            self._wake.wait(self._sleep_time())
+            self._wake.clear()
+        return EXIT_OK
+
+    # The folder
+
+    def _attach(self) -> None:
+        path = os.path.abspath(self.policy.directory)
+        try:
+            dir_fd = open_folder(path)
+        except FolderError as error:
+            self._report_waiting(error)
+            return
+        try:
+            lock_fd = acquire_lock(dir_fd, path)
+        except LockError:
+            os.close(dir_fd)
+            raise
+        info = os.fstat(dir_fd)
+        try:
+            observer, kind = self._start_observer(path)
+        except FileNotFoundError:
+            os.close(lock_fd)
+            os.close(dir_fd)
+            return  # deleted again between opening and watching; the next check retries
+        self._watch = _Watch(path, dir_fd, lock_fd, (info.st_dev, info.st_ino), observer, kind)
+        self._waiting_reported = False
+        self._pass_requested = True
+        self._last_folder_check = time.monotonic()
+        log.info("watching %s with the %s observer", path, kind)
+
+    def _report_waiting(self, error: FolderError) -> None:
+        if self._waiting_reported:
+            return
+        self._waiting_reported = True
+        if error.errno == errno.ENOENT:
+            log.info("%s; waiting for it to appear", error.strerror)
+        else:
+            log.error("%s; checking again every %.1f s", error.strerror, WAIT_INTERVAL)
+        status = f"waiting for {self.policy.directory}"
+        if self._ready_sent:
+            self._notifier.status(status)
+        else:
+            self._notifier.ready(status)
+            self._ready_sent = True
+
+    def _folder_replaced(self) -> bool:
+        watch = self._watch
+        try:
+            info = os.stat(watch.path)
+        except OSError:
+            log.warning("checkpoint folder %s was deleted or moved away", watch.path)
+            return True
+        if (info.st_dev, info.st_ino) != watch.identity:
+            log.warning("checkpoint folder %s was replaced by another folder", watch.path)
+            return True
+        return False
+
+    def _detach(self) -> None:
+        watch, self._watch = self._watch, None
+        if watch is None:
+            return
+        _stop_observer(watch.observer)
+        os.close(watch.lock_fd)
+        os.close(watch.dir_fd)
+
+    # The observer
+
+    def _start_observer(self, path: str) -> tuple[BaseObserver, str]:
+        polling = self.policy.polling
+        if polling is None:
+            fstype = network_filesystem(path)
+            if fstype is not None:
+                log.info(
+                    "%s is on a %s filesystem, where inotify misses writes made by other "
+                    "hosts: using the polling observer",
+                    path,
+                    fstype,
+                )
+                polling = True
+        if not polling:
+            try:
+                return self._schedule(Observer(), path), "inotify"
+            except OSError as error:
+                if error.errno not in (errno.ENOSPC, errno.EMFILE):
+                    raise
+                log.warning(
+                    "inotify limit reached (%s): falling back to the polling observer; raise "
+                    "fs.inotify.max_user_watches or fs.inotify.max_user_instances to use inotify",
+                    error,
+                )
+        return self._schedule(PollingObserver(timeout=POLL_INTERVAL), path), "polling"
+
+    def _schedule(self, observer: BaseObserver, path: str) -> BaseObserver:
+        try:
+            observer.schedule(_EventHandler(self), path, recursive=False)
+            observer.start()
+        except BaseException:
+            _stop_observer(observer)
+            raise
+        return observer
+
+    def _observer_healthy(self) -> bool:
+        observer = self._watch.observer
+        dead = [] if observer.is_alive() else ["event dispatch thread"]
+        dead += [f"emitter for {e.watch.path}" for e in list(observer.emitters) if not e.is_alive()]
+        if dead:
+            log.error(
+                "the %s observer stopped: %s died", self._watch.observer_kind, ", ".join(dead)
+            )
+        return not dead
+
+    def _restart_observer(self) -> bool:
+        now = time.monotonic()
+        while self._restarts and now - self._restarts[0] > RESTART_WINDOW:
+            self._restarts.popleft()
+        if len(self._restarts) >= MAX_OBSERVER_RESTARTS:
+            log.error(
+                "the observer failed %d times in %.0f s; exiting so the service manager "
+                "can restart the watcher",
+                len(self._restarts) + 1,
+                RESTART_WINDOW,
+            )
+            return False
+        self._restarts.append(now)
+        watch = self._watch
+        _stop_observer(watch.observer)
+        try:
+            watch.observer, watch.observer_kind = self._start_observer(watch.path)
+        except OSError as error:
+            log.error("failed to restart the observer on %s: %s", watch.path, error)
+            self._detach()
+            return True  # the folder is attached again, with a new observer, on the next turn
+        log.info("restarted the %s observer; running a full pass", watch.observer_kind)
+        self._pass_requested = True
+        return True
+
+    # Passes, reloads and service notices
+
+    def _pass_due(self) -> bool:
+        return self._pass_requested or (
+            time.monotonic() - self._last_pass >= self.policy.rescan_interval
+        )
+
+    def _run_pass(self) -> None:
+        self._last_pass = time.monotonic()
+        try:
+            summary = self._pruner.run(self._watch.dir_fd)
+        except UnsafePlanError as error:
+            log.error("%s", error)
+            return
+        except OSError as error:
+            log.warning(
+                "pass failed on %s: %s; retrying after the next event or check",
+                self._watch.path,
+                error,
+            )
+            return
+        log.info("%s", summary.describe())
+        if self._ready_sent:
+            self._notifier.status(summary.describe())
+        else:
+            self._notifier.ready(summary.describe())
+            self._ready_sent = True
+
+    def _reload(self) -> None:
+        try:
+            policy = self._load_policy()
+        except ConfigError as error:
+            log.error("config reload failed, keeping the current policy: %s", error)
+            return
+        log.info("config reloaded: %s", policy.describe())
+        if (policy.directory, policy.polling) != (self.policy.directory, self.policy.polling):
+            self._detach()
+        cache = self._pruner.cache
+        self.policy = policy
+        self._pruner = Pruner(policy)
+        self._pruner.cache = cache
+        self._pass_requested = True
+
+    def _ping_watchdog(self) -> None:
+        interval = self._notifier.watchdog_interval
+        now = time.monotonic()
+        if interval is None or now < self._next_ping:
+            return
+        if self._watch is not None and not self._observer_healthy():
+            return  # no ping, so the service manager notices a watcher that cannot recover
+        self._notifier.watchdog()
+        self._next_ping = now + interval
+
+    def _sleep_time(self) -> float:
+        now = time.monotonic()
+        deadlines = [FOLDER_CHECK_INTERVAL if self._watch is not None else WAIT_INTERVAL]
+        if self._watch is not None:
+            deadlines.append(self._last_pass + self.policy.rescan_interval - now)
+        if self._notifier.watchdog_interval is not None:
+            deadlines.append(self._next_ping - now)
+        return max(0.0, min(deadlines))
+
+
+def _stop_observer(observer: BaseObserver) -> None:
+    try:
+        observer.stop()
+        if observer.is_alive():
+            observer.join(timeout=5)
+    except Exception:
+        log.exception("failed to stop the observer cleanly")

@@ -1,0 +1,51 @@
+"""One watcher per folder: an advisory lock on a file inside the checkpoint folder."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+
+from watcher.scan import LOCK_NAME
+
+
+class LockError(RuntimeError):
+    """Another watcher holds the folder's lock, or the lock file cannot be created."""
+
+
+def acquire_lock(dir_fd: int, folder: str) -> int:
+    """Take the folder's lock and return its handle; the lock lasts until the handle is closed.
+
+    The lock file stores the holder's process id, so that a second watcher can name it.
+    """
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(LOCK_NAME, flags, 0o644, dir_fd=dir_fd)
+    except OSError as error:
+        raise LockError(
+            f"cannot create the lock file {LOCK_NAME!r} in {folder!r}: {error.strerror}; "
+            "the watcher needs write access to the folder"
+        ) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _read_holder(fd)
+        os.close(fd)
+        raise LockError(
+            f"another watcher (process {holder}) is already watching {folder!r}; "
+            "stop it first, or point this one at another folder"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _read_holder(fd: int) -> str:
+    # The holder writes its id right after locking, so a watcher that lost a race by microseconds
+    # may read an empty file; a few short retries cover that.
+    for _ in range(20):
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        if text:
+            return text
+        time.sleep(0.01)
+    return "unknown"

@@ -1,0 +1,147 @@
+"""The retention decision: checkpoints in, a keep or prune decision with a reason for each out.
+
+This module touches no files. Its rules, applied to each series on its own:
+
+- Order is the integer step, never the file time or the string order of names.
+- The newest `keep_last` valid checkpoints are kept. Milestones never use up one of those places.
+- Every milestone is kept, and so is every checkpoint that a symlink in the folder resolves to.
+- An invalid file (empty, truncated, still being written, not a torch file) is always kept and
+  never counts, so it can neither push out a valid checkpoint nor be deleted while it is written.
+- Every other checkpoint is pruned.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from watcher.config import Policy
+from watcher.scan import Entry
+from watcher.validity import Verdict
+
+
+class Action(enum.Enum):
+    KEEP = "keep"
+    PRUNE = "prune"
+
+
+@dataclass(frozen=True)
+class Decision:
+    entry: Entry
+    action: Action
+    reason: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    decisions: tuple[Decision, ...]
+
+    @property
+    def kept(self) -> list[Decision]:
+        return [d for d in self.decisions if d.action is Action.KEEP]
+
+    @property
+    def pruned(self) -> list[Decision]:
+        return [d for d in self.decisions if d.action is Action.PRUNE]
+
+
+class UnsafePlanError(RuntimeError):
+    """A plan would delete the newest valid checkpoint of a series; nothing is deleted."""
+
+
+def plan_retention(
+    checkpoints: Iterable[Entry],
+    verdicts: Mapping[str, Verdict],
+    link_targets: Mapping[tuple[int, int], tuple[str, ...]],
+    policy: Policy,
+) -> Plan:
+    """Decide, for every checkpoint, whether it is kept or pruned, and why.
+
+    `verdicts` maps each checkpoint name to its validity; a missing name counts as invalid.
+    The result is sorted by series, then step, then name, so it never depends on listing order.
+    """
+    by_series: dict[str, list[Entry]] = defaultdict(list)
+    for entry in checkpoints:
+        by_series[entry.series].append(entry)
+
+    decisions: list[Decision] = []
+    for series in sorted(by_series):
+        entries = sorted(by_series[series], key=lambda e: (e.step, e.name))
+        decisions.extend(_plan_series(entries, verdicts, link_targets, policy))
+    _check_newest_kept(decisions, verdicts)
+    return Plan(tuple(decisions))
+
+
+def _plan_series(
+    entries: list[Entry],
+    verdicts: Mapping[str, Verdict],
+    link_targets: Mapping[tuple[int, int], tuple[str, ...]],
+    policy: Policy,
+) -> list[Decision]:
+    newest = [
+        entry
+        for entry in reversed(entries)
+        if _is_valid(entry, verdicts) and not policy.is_milestone(entry.step)
+    ][: policy.keep_last]
+    newest_names = {entry.name for entry in newest}
+    oldest_kept_step = newest[-1].step if newest else None
+
+    decisions = []
+    for entry in entries:
+        reason = _reason_to_keep(entry, verdicts, link_targets, policy, newest_names)
+        if reason is not None:
+            decisions.append(Decision(entry, Action.KEEP, reason))
+        else:
+            why = f"older than the newest {policy.keep_last} valid checkpoints of its series"
+            if oldest_kept_step is not None:
+                why += f" (the oldest of those is step {oldest_kept_step})"
+            decisions.append(Decision(entry, Action.PRUNE, why))
+    return decisions
+
+
+def _reason_to_keep(
+    entry: Entry,
+    verdicts: Mapping[str, Verdict],
+    link_targets: Mapping[tuple[int, int], tuple[str, ...]],
+    policy: Policy,
+    newest_names: set[str],
+) -> str | None:
+    if not _is_valid(entry, verdicts):
+        verdict = verdicts.get(entry.name)
+        detail = verdict.reason if verdict is not None else "not checked"
+        return f"invalid ({detail}): invalid files are never deleted"
+    if entry.identity in link_targets:
+        links = ", ".join(repr(name) for name in link_targets[entry.identity])
+        return f"target of symlink {links}"
+    if policy.keep_every is not None and entry.step % policy.keep_every == 0:
+        return f"milestone (step divisible by {policy.keep_every})"
+    if entry.step in policy.milestones:
+        return "milestone (listed in milestones)"
+    if entry.name in newest_names:
+        return f"among the newest {policy.keep_last} valid checkpoints of its series"
+    return None
+
+
+def _is_valid(entry: Entry, verdicts: Mapping[str, Verdict]) -> bool:
+    verdict = verdicts.get(entry.name)
+    return verdict is not None and verdict.valid
+
+
+def _check_newest_kept(decisions: list[Decision], verdicts: Mapping[str, Verdict]) -> None:
+    """Raise UnsafePlanError if any series would lose its newest valid checkpoint."""
+    newest: dict[str, Decision] = {}
+    for decision in decisions:
+        entry = decision.entry
+        if not _is_valid(entry, verdicts):
+            continue
+        best = newest.get(entry.series)
+        if best is None or (entry.step, entry.name) > (best.entry.step, best.entry.name):
+            newest[entry.series] = decision
+    for series, decision in newest.items():
+        if decision.action is not Action.KEEP:
+            raise UnsafePlanError(
+                f"the plan would prune {decision.entry.name!r}, the newest valid checkpoint of "
+                f"series {series!r}; nothing was deleted"
+            )

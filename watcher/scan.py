@@ -1,0 +1,148 @@
+"""List a checkpoint folder once and classify each name, without reading file contents."""
+
+from __future__ import annotations
+
+import enum
+import os
+import re
+import stat
+from dataclasses import dataclass
+
+LOCK_NAME = ".ckpt-watcher.lock"
+"""Lock file kept in the watched folder. It has no digits, so no pattern can make it a checkpoint."""
+
+
+class Kind(enum.Enum):
+    CHECKPOINT = "checkpoint"
+    LINK = "link"
+    OTHER = "other"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One name directly inside the folder, as seen by a single scan."""
+
+    name: str
+    kind: Kind
+    step: int | None = None
+    series: str | None = None
+    stat: os.stat_result | None = None
+    """The entry's own lstat result; None for other names."""
+
+    @property
+    def identity(self) -> tuple[int, int]:
+        return (self.stat.st_dev, self.stat.st_ino)
+
+
+@dataclass(frozen=True)
+class Listing:
+    entries: tuple[Entry, ...]
+    link_targets: dict[tuple[int, int], tuple[str, ...]]
+    """Identity (device, inode) of each file that a symlink in the folder resolves to, with the
+    names of the links, so that a checkpoint reached through any chain of links is kept."""
+
+    @property
+    def checkpoints(self) -> list[Entry]:
+        return [entry for entry in self.entries if entry.kind is Kind.CHECKPOINT]
+
+
+class NameMatcher:
+    """Match whole file names against a glob and read the step and series out of a match.
+
+    The step is the run of digits at the start of the text that the first `*` matches; the series
+    is the name with those digits removed. `*` and `?` match any character, as in fnmatch.
+    """
+
+    def __init__(self, pattern: str) -> None:
+        head, tail = pattern.split("*", 1)
+        self.pattern = pattern
+        self._regex = re.compile(_translate(head) + "(?P<star>.*)" + _translate(tail), re.DOTALL)
+
+    def match(self, name: str) -> tuple[int, str] | None:
+        """Return (step, series) for a checkpoint name, or None."""
+        found = self._regex.fullmatch(name)
+        if found is None:
+            return None
+        start = found.start("star")
+        digits = len(found["star"]) - len(found["star"].lstrip("0123456789"))
+        if digits == 0:
+            return None
+        return int(name[start : start + digits]), name[:start] + name[start + digits :]
+
+
+def scan_folder(dir_fd: int, matcher: NameMatcher) -> Listing:
+    """List the folder open at dir_fd once and classify every name in it."""
+    entries: list[Entry] = []
+    link_names: list[str] = []
+    with os.scandir(dir_fd) as listing:
+        for item in listing:
+            entry = _classify(item, matcher)
+            if entry is not None:
+                entries.append(entry)
+                if entry.kind is Kind.LINK:
+                    link_names.append(entry.name)
+    return Listing(tuple(entries), _resolve_links(dir_fd, link_names))
+
+
+def _classify(item: os.DirEntry, matcher: NameMatcher) -> Entry | None:
+    try:
+        info = item.stat(follow_symlinks=False)
+    except FileNotFoundError:
+        return None  # removed between listing and stat
+    if stat.S_ISLNK(info.st_mode):
+        return Entry(item.name, Kind.LINK, stat=info)
+    found = matcher.match(item.name) if item.name != LOCK_NAME else None
+    if found is None or not stat.S_ISREG(info.st_mode):
+        return Entry(item.name, Kind.OTHER, stat=info)
+    step, series = found
+    return Entry(item.name, Kind.CHECKPOINT, step=step, series=series, stat=info)
+
+
+def _resolve_links(dir_fd: int, link_names: list[str]) -> dict[tuple[int, int], tuple[str, ...]]:
+    targets: dict[tuple[int, int], tuple[str, ...]] = {}
+    for name in link_names:
+        try:
+            info = os.stat(name, dir_fd=dir_fd)  # follows the whole chain of links
+        except OSError:
+            continue  # dangling or looping link: protects nothing
+        key = (info.st_dev, info.st_ino)
+        targets[key] = targets.get(key, ()) + (name,)
+    return targets
+
+
+def _translate(glob: str) -> str:
+    """Translate a glob fragment into a regular expression, as fnmatch would."""
+    parts: list[str] = []
+    index = 0
+    while index < len(glob):
+        char = glob[index]
+        index += 1
+        if char == "*":
+            parts.append(".*")
+        elif char == "?":
+            parts.append(".")
+        elif char == "[":
+            end = _bracket_end(glob, index)
+            if end < 0:
+                parts.append(re.escape(char))
+                continue
+            body = glob[index:end].replace("\\", "\\\\")
+            if body.startswith("!"):
+                body = "^" + body[1:]
+            elif body.startswith("^"):
+                body = "\\" + body
+            parts.append(f"[{body}]")
+            index = end + 1
+        else:
+            parts.append(re.escape(char))
+    return "".join(parts)
+
+
+def _bracket_end(glob: str, start: int) -> int:
+    """Return the index of the `]` closing a class that opened before start, or -1."""
+    index = start
+    if index < len(glob) and glob[index] == "!":
+        index += 1
+    if index < len(glob) and glob[index] == "]":
+        index += 1
+    return glob.find("]", index)
