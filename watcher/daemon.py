@@ -172,6 +172,9 @@ class Daemon:
         except LockError as error:
             log.error("%s", error)
             return EXIT_RUNTIME
+        except Exception:
+            log.exception("the watcher failed; exiting so the service manager can restart it")
+            return EXIT_RUNTIME
         finally:
             self._notifier.stopping()
             self._detach()
@@ -222,10 +225,12 @@ class Daemon:
         info = os.fstat(dir_fd)
         try:
             observer, kind = self._start_observer(path)
-        except FileNotFoundError:
+        except OSError as error:
             os.close(lock_fd)
             os.close(dir_fd)
-            return  # deleted again between opening and watching; the next check retries
+            # FileNotFoundError: deleted again between opening and watching.
+            self._report_waiting(FolderError(error.errno, f"cannot watch {path}: {error}"))
+            return
         self._watch = _Watch(path, dir_fd, lock_fd, (info.st_dev, info.st_ino), observer, kind)
         self._waiting_reported = False
         self._pass_requested = True
@@ -357,6 +362,13 @@ class Daemon:
                 "pass failed on %s: %s; retrying after the next event or check",
                 self._watch.path,
                 error,
+            )
+            return
+        except Exception:
+            # A bug must not stop the watcher for good: the failed pass deleted nothing after the
+            # failure, and the next event or rescan tries again.
+            log.exception(
+                "pass failed on %s; retrying after the next event or check", self._watch.path
             )
             return
         log.info("%s", summary.describe())

@@ -30,7 +30,7 @@ NETWORK_TYPES = frozenset(
 
 
 def network_filesystem(path: str, mountinfo: str = "/proc/self/mountinfo") -> str | None:
-    """Return the type of a shared or FUSE filesystem that holds path, or None for a local one."""
+    """Return the type of the shared or FUSE filesystem that contains path, or None if it is local."""
     try:
         with open(mountinfo, encoding="utf-8", errors="surrogateescape") as file:
             text = file.read()

@@ -94,10 +94,12 @@ def _plan_series(
         if reason is not None:
             decisions.append(Decision(entry, Action.KEEP, reason))
         else:
-            why = f"older than the newest {policy.keep_last} valid checkpoints of its series"
+            prune_reason = (
+                f"older than the newest {policy.keep_last} valid checkpoints of its series"
+            )
             if oldest_kept_step is not None:
-                why += f" (the oldest of those is step {oldest_kept_step})"
-            decisions.append(Decision(entry, Action.PRUNE, why))
+                prune_reason += f" (the oldest of those is step {oldest_kept_step})"
+            decisions.append(Decision(entry, Action.PRUNE, prune_reason))
     return decisions
 
 

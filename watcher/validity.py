@@ -296,7 +296,7 @@ def _read_zip_end(fd: int, size: int) -> _ZipEnd:
 
     locator_signature, locator_disk, zip64_offset, disks = _ZIP64_LOCATOR.unpack_from(tail)
     if locator_signature != _ZIP64_LOCATOR_SIGNATURE:
-        raise _Invalid("not a torch archive: zip64 end-of-central-directory locator missing")
+        return _plain_zip_end(size, disk_entries, entries16, cd_size32, cd_offset32)
     if locator_disk != 0 or disks != 1:
         raise _Invalid("not a torch archive: multi-disk zip")
     locator_offset = size - tail_length
@@ -317,6 +317,21 @@ def _read_zip_end(fd: int, size: int) -> _ZipEnd:
         raise _Invalid("end records disagree on the number of entries")
     if cd_size32 not in (cd_size, _MAX32) or cd_offset32 not in (cd_offset, _MAX32):
         raise _Invalid("end records disagree on the central directory position")
+    return _ZipEnd(cd_offset, cd_size, entries)
+
+
+def _plain_zip_end(
+    size: int, disk_entries: int, entries: int, cd_size: int, cd_offset: int
+) -> _ZipEnd:
+    """Accept an archive without zip64 records when its end record alone is consistent.
+
+    torch 2.13 always writes the zip64 records, but an archive from another writer or an older
+    torch may lack them. The central directory must then end exactly where the end record starts.
+    """
+    if disk_entries != entries or _MAX32 in (cd_size, cd_offset) or entries == _MAX16:
+        raise _Invalid("not a torch archive: zip64 end-of-central-directory locator missing")
+    if cd_offset + cd_size != size - _EOCD.size:
+        raise _Invalid("central directory does not end where the end-of-central-directory starts")
     return _ZipEnd(cd_offset, cd_size, entries)
 
 
