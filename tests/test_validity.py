@@ -548,7 +548,7 @@ def test_check_fd_keeps_offset_and_fd(tmp_path: Path) -> None:
 
 @pytest.fixture
 def check_fd_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Count the calls to validity.check_fd, which reads the file."""
+    """Count the calls to check_fd, which reads the file, as made by the cache."""
     calls: list[int] = []
     real_check_fd = validity.check_fd
 
@@ -556,7 +556,7 @@ def check_fd_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         calls.append(fd)
         return real_check_fd(fd)
 
-    monkeypatch.setattr(validity, "check_fd", counting_check_fd)
+    monkeypatch.setattr(validity.checks, "check_fd", counting_check_fd)
     return calls
 
 

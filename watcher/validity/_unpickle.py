@@ -1,0 +1,140 @@
+"""A restricted unpickler that records the storages a pickle names and never runs code."""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from typing import ClassVar
+
+from watcher.validity._common import Invalid
+
+
+class _Opaque:
+    """Inert stand-in for the globals, dicts and sets of a pickle and the objects built from them.
+
+    It accepts any constructor arguments and ignores all state set on it.
+    """
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def __setstate__(self, state) -> None:
+        pass
+
+    def __setitem__(self, key, value) -> None:
+        pass
+
+    def append(self, item) -> None:
+        pass
+
+    def extend(self, items) -> None:
+        pass
+
+    def add(self, item) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class StorageRef:
+    """One storage id found in a pickle: key, storage class name and element count."""
+
+    key: str
+    type_name: str | None
+    numel: int
+
+
+def _storage_type_name(storage_type: object) -> str | None:
+    """Return the class name of a torch storage stand-in, or None for anything else."""
+    module = getattr(storage_type, "pickle_module", "")
+    if module != "torch" and not module.startswith("torch."):
+        return None
+    return getattr(storage_type, "pickle_name", None)
+
+
+def _as_text(value: object) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes):
+        return value.decode("latin-1")
+    return None
+
+
+def _reject_opcode(unpickler: pickle._Unpickler) -> None:
+    raise Invalid("pickle uses a protocol 5 buffer opcode, which torch.save never writes")
+
+
+def _push_opaque(unpickler: pickle._Unpickler) -> None:
+    unpickler.append(_Opaque())
+
+
+def _push_opaque_after_mark(unpickler: pickle._Unpickler) -> None:
+    unpickler.pop_mark()
+    unpickler.append(_Opaque())
+
+
+# pickle._Unpickler is the pure-Python unpickler of the standard library. The C unpickler is
+# not used because it sizes its memo table from the largest BINPUT index in the input, so a
+# 12-byte pickle can make it allocate gigabytes. Dicts and sets become stand-ins as well:
+# their contents are never needed, and crafted keys with equal hashes would make building
+# them quadratic. BYTEARRAY8 would allocate its declared length before reading any data.
+class _RestrictedUnpickler(pickle._Unpickler):
+    """Unpickler that builds only stand-ins and records the storage ids it meets."""
+
+    dispatch: ClassVar[dict] = dict(pickle._Unpickler.dispatch)
+    dispatch[pickle.EMPTY_DICT[0]] = _push_opaque
+    dispatch[pickle.DICT[0]] = _push_opaque_after_mark
+    dispatch[pickle.EMPTY_SET[0]] = _push_opaque
+    dispatch[pickle.FROZENSET[0]] = _push_opaque_after_mark
+    dispatch[pickle.BYTEARRAY8[0]] = _reject_opcode
+    dispatch[pickle.NEXT_BUFFER[0]] = _reject_opcode
+    dispatch[pickle.READONLY_BUFFER[0]] = _reject_opcode
+
+    def __init__(self, file, storages: dict[str, StorageRef], legacy: bool) -> None:
+        super().__init__(file, encoding="latin-1")
+        self._storages = storages
+        self._legacy = legacy
+        self._globals: dict[tuple[str, str], type] = {}
+
+    def find_class(self, module: str, name: str) -> type:
+        key = (module, name)
+        if key not in self._globals:
+            attributes = {"pickle_module": module, "pickle_name": name}
+            self._globals[key] = type("OpaqueGlobal", (_Opaque,), attributes)
+        return self._globals[key]
+
+    def persistent_load(self, pid: object) -> _Opaque | type[_Opaque]:
+        if not isinstance(pid, tuple) or not pid:
+            raise Invalid(f"unexpected persistent id in pickle: {type(pid).__name__}")
+        kind = _as_text(pid[0])
+        if self._legacy and kind == "module":
+            # The id stands for the class of a pickled nn.Module, so it must be a class that
+            # the NEWOBJ opcode can instantiate.
+            return _Opaque
+        expected_length = 6 if self._legacy else 5
+        if kind != "storage" or len(pid) != expected_length:
+            raise Invalid(f"unexpected persistent id in pickle: kind {kind!r}, {len(pid)} fields")
+        self._record_storage(pid[1], pid[2], pid[4])
+        return _Opaque()
+
+    def _record_storage(self, storage_type: object, key: object, numel: object) -> None:
+        key_text = _as_text(key)
+        if key_text is None or type(numel) is not int or numel < 0:
+            raise Invalid(f"malformed storage id in pickle: key {key!r}, numel {numel!r}")
+        # torch's loaders size a storage from its first reference and reuse it after.
+        if key_text not in self._storages:
+            type_name = _storage_type_name(storage_type)
+            self._storages[key_text] = StorageRef(key_text, type_name, numel)
+
+
+def unpickle_restricted(file, storages: dict[str, StorageRef], legacy: bool, what: str) -> object:
+    """Load one pickle from `file` with the restricted unpickler, adding to `storages`."""
+    try:
+        return _RestrictedUnpickler(file, storages, legacy).load()
+    except (Invalid, OSError):
+        raise
+    except Exception as exc:
+        # A damaged pickle can raise almost any exception type from the unpickler.
+        raise Invalid(f"{what} does not parse: {type(exc).__name__}: {exc}") from exc

@@ -1,0 +1,99 @@
+"""Check one open file or one name, choosing the format from the first bytes."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+from watcher.validity._common import LEGACY_PREFIX, ZIP_LOCAL_MAGIC, Invalid, Verdict
+from watcher.validity._legacy import check_legacy
+from watcher.validity._zip import check_zip
+
+
+def _file_type_name(mode: int) -> str:
+    kinds = [
+        (stat.S_ISDIR, "directory"),
+        (stat.S_ISFIFO, "FIFO"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+        (stat.S_ISLNK, "symbolic link"),
+    ]
+    for test, name in kinds:
+        if test(mode):
+            return name
+    return f"file of mode {stat.S_IFMT(mode):o}"
+
+
+def _check_contents(fd: int, size: int) -> str:
+    """Return the reason a non-empty regular file is valid, or raise Invalid."""
+    head = os.pread(fd, 4, 0)
+    if head == ZIP_LOCAL_MAGIC:
+        return check_zip(fd, size)
+    if head == LEGACY_PREFIX or (len(head) == 4 and head[0] == 0x80 and 2 <= head[1] <= 5):
+        return check_legacy(fd, size)
+    if len(head) < 4 and (ZIP_LOCAL_MAGIC.startswith(head) or LEGACY_PREFIX.startswith(head)):
+        raise Invalid(f"truncated: {len(head)} bytes")
+    raise Invalid("not a torch checkpoint: no zip or legacy torch signature")
+
+
+def check_fd(fd: int) -> Verdict:
+    """Check the regular file open as `fd`, reading with os.pread only.
+
+    The descriptor's offset is not moved and the descriptor is not closed. OSError while
+    reading gives an invalid verdict with reason ``unreadable: <strerror>``.
+    """
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return Verdict(False, f"not a regular file: {_file_type_name(st.st_mode)}")
+        if st.st_size == 0:
+            return Verdict(False, "empty file")
+        return Verdict(True, _check_contents(fd, st.st_size))
+    except Invalid as invalid:
+        return Verdict(False, invalid.reason)
+    except OSError as exc:
+        return Verdict(False, f"unreadable: {exc.strerror}")
+
+
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+
+
+def stat_key(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    """Return the identity of a file version: device, inode, size, mtime and ctime in ns."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def open_and_check(dir_fd: int | None, name: str) -> tuple[Verdict, tuple | None]:
+    """Check `name` and return the verdict with the file's stat_key.
+
+    The key is None when the file could not be opened or changed while it was checked.
+    """
+    try:
+        fd = os.open(name, _OPEN_FLAGS, dir_fd=dir_fd)
+    except OSError as exc:
+        reason = f"unreadable: {exc.strerror}"
+        if exc.errno == errno.ELOOP:
+            reason += " (symbolic links are not followed)"
+        return Verdict(False, reason), None
+    try:
+        before = os.fstat(fd)
+        if not stat.S_ISREG(before.st_mode):
+            return Verdict(False, f"not a regular file: {_file_type_name(before.st_mode)}"), None
+        verdict = check_fd(fd)
+        after = os.fstat(fd)
+    finally:
+        os.close(fd)
+    key = stat_key(before)
+    return verdict, key if key == stat_key(after) else None
+
+
+def check_file(dir_fd: int | None, name: str) -> Verdict:
+    """Open `name` relative to folder `dir_fd` (None: the working directory) and check it.
+
+    The open uses O_NOFOLLOW, so a symbolic link as the last path component is rejected, and
+    O_NONBLOCK, so a FIFO does not block. Anything but a regular file is invalid.
+    """
+    verdict, _key = open_and_check(dir_fd, name)
+    return verdict
