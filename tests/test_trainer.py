@@ -275,6 +275,29 @@ def test_resume_continues_series(base_copy, base_run):
     assert f"resuming run {run_name}" in result.stderr
 
 
+def test_resume_removes_stale_temp_files(base_copy):
+    folder = base_copy / "checkpoints"
+    newest = checkpoint_steps(base_copy)[40]
+    dead_pid = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead_pid.wait()  # its id names no running process now, as after a SIGKILL mid-save
+    stale = folder / f".{newest.name.replace('step40', 'step41')}.tmp.{dead_pid.pid}"
+    live = folder / f".{newest.name.replace('step40', 'step42')}.tmp.{os.getpid()}"
+    other = folder / ".notes.tmp.1"
+    for path in (stale, live, other):
+        path.write_bytes(newest.read_bytes())
+    before = {path: path.read_bytes() for path in checkpoint_steps(base_copy).values()}
+
+    result = run_trainer("--resume", "--steps", "45", "--log-dir", str(base_copy), cwd=base_copy)
+
+    assert result.returncode == 0, result.stderr
+    assert not stale.exists()
+    assert live.exists(), "a temp file of a running process was removed"
+    assert other.exists(), "a file not named like the trainer's temp files was removed"
+    assert f"removed stale temp file {stale}" in result.stderr
+    for path, data in before.items():
+        assert path.read_bytes() == data
+
+
 def test_resume_skips_corrupt_newest(base_copy):
     steps = checkpoint_steps(base_copy)
     corrupt = steps[40]

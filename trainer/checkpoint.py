@@ -102,6 +102,47 @@ def list_checkpoints(folder: Path) -> list[CheckpointFile]:
     return sorted(files, key=lambda file: (file.step, file.run, file.seed), reverse=True)
 
 
+_TEMP_PATTERN = re.compile(r"\.model_v2_step\d+_\d{8}_\d{6}_s\d+\.pt\.tmp\.(?P<pid>\d+)")
+
+
+def remove_stale_temp_files(folder: Path) -> int:
+    """Remove temp files that a killed trainer left in `folder`, and return how many went.
+
+    A save interrupted by SIGKILL (the OOM killer, a preempted job) cannot clean up, and its temp
+    file is as large as a checkpoint. Only names of the form temp_path() makes are removed, and
+    only when no process with the id in the name is running, so a concurrent save is never hit.
+    A temp file is never a checkpoint, so no checkpoint is ever removed here.
+    """
+    removed = 0
+    for path in folder.glob(".model_v2_step*.pt.tmp.*"):
+        match = _TEMP_PATTERN.fullmatch(path.name)
+        if match is None or _process_running(int(match["pid"])):
+            continue
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as error:
+            logger.warning("failed to remove stale temp file %s: %s", path, error)
+            continue
+        logger.info(
+            "removed stale temp file %s (%d bytes) left by process %s", path, size, match["pid"]
+        )
+        removed += 1
+    return removed
+
+
+def _process_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # a process of another user has this id
+    return True
+
+
 def make_folder(folder: Path) -> None:
     """Create the checkpoint folder. Raise CheckpointSaveError if that fails."""
     try:

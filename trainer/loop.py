@@ -23,6 +23,7 @@ from trainer.checkpoint import (
     checkpoint_name,
     list_checkpoints,
     make_folder,
+    remove_stale_temp_files,
     save_atomic,
 )
 from trainer.config import TrainConfig
@@ -206,6 +207,7 @@ def train(run: Run, stop: StopRequest) -> None:
         logger.info("step %d reaches steps=%d; nothing left to train", run.step, config.steps)
         return
     make_folder(checkpoint_folder(config))
+    remove_stale_temp_files(checkpoint_folder(config))
     logger.info(
         "run %s, seed %d: training a model of %d parameters from step %d to %d, threads=%d",
         run.name,

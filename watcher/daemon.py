@@ -57,7 +57,7 @@ EXIT_RUNTIME = 1
 class _Watch:
     path: str
     dir_fd: int
-    lock_fd: int
+    lock_fd: int | None
     identity: tuple[int, int]
     observer: BaseObserver
     observer_kind: str
@@ -226,7 +226,8 @@ class Daemon:
         try:
             observer, kind = self._start_observer(path)
         except OSError as error:
-            os.close(lock_fd)
+            if lock_fd is not None:
+                os.close(lock_fd)
             os.close(dir_fd)
             # FileNotFoundError: deleted again between opening and watching.
             self._report_waiting(FolderError(error.errno, f"cannot watch {path}: {error}"))
@@ -269,7 +270,8 @@ class Daemon:
         if watch is None:
             return
         _stop_observer(watch.observer)
-        os.close(watch.lock_fd)
+        if watch.lock_fd is not None:
+            os.close(watch.lock_fd)
         os.close(watch.dir_fd)
 
     # The observer

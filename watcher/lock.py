@@ -2,26 +2,41 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import logging
 import os
 import time
 
 from watcher.scan import LOCK_NAME
+
+log = logging.getLogger(__name__)
 
 
 class LockError(RuntimeError):
     """Another watcher holds the folder's lock, or the lock file cannot be created."""
 
 
-def acquire_lock(dir_fd: int, folder: str) -> int:
+def acquire_lock(dir_fd: int, folder: str) -> int | None:
     """Take the folder's lock and return its handle; the lock lasts until the handle is closed.
 
-    The lock file stores the holder's process id, so that a second watcher can name it.
+    The lock file stores the holder's process id, so that a second watcher can name it. On a full
+    disk the lock file may not be creatable: then the watcher runs without the lock, with a
+    warning, because a full disk is exactly when pruning is needed.
     """
     flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
         fd = os.open(LOCK_NAME, flags, 0o644, dir_fd=dir_fd)
     except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            log.warning(
+                "cannot create the lock file %r in %r (%s): running without the lock, so a "
+                "second watcher on this folder would not be stopped",
+                LOCK_NAME,
+                folder,
+                error.strerror,
+            )
+            return None
         raise LockError(
             f"cannot create the lock file {LOCK_NAME!r} in {folder!r}: {error.strerror}; "
             "the watcher needs write access to the folder"
@@ -35,8 +50,12 @@ def acquire_lock(dir_fd: int, folder: str) -> int:
             f"another watcher (process {holder}) is already watching {folder!r}; "
             "stop it first, or point this one at another folder"
         ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError as error:
+        # The lock holds without the id; a second watcher then names the holder as unknown.
+        log.warning("cannot write the process id into the lock file in %r: %s", folder, error)
     return fd
 
 
