@@ -103,9 +103,9 @@ class WatcherProcess:
         """Start the watcher with args, or run `wrapper` instead when the test builds the command."""
         self.log_path = log_dir / f"watcher-{time.monotonic_ns()}.log"
         self._log_file = open(self.log_path, "w")  # noqa: SIM115 - open as long as the process
+        popen.setdefault("cwd", REPO)
         self.process = subprocess.Popen(
             wrapper or [sys.executable, "-m", "watcher", *args],
-            cwd=REPO,
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -194,3 +195,70 @@ def test_watcher_never_imports_torch(folder: Path) -> None:
 
     assert result.returncode == 0, result.stderr
     assert ck(100) not in names(folder)
+
+
+def test_duplicate_config_key_rejected(folder: Path, tmp_path: Path) -> None:
+    config = tmp_path / "policy.yaml"
+    config.write_text("keep_last: 5\nkeep_last: 1\n")
+
+    result = run_watcher(str(folder), "--config", str(config), "--once")
+
+    assert result.returncode == 2
+    assert "key 'keep_last' is given twice" in result.stderr
+    assert "line 2" in result.stderr
+
+
+def test_directory_expands_home(folder: Path, tmp_path: Path) -> None:
+    config = tmp_path / "policy.yaml"
+    config.write_text(f"directory: ~/{folder.name}\n")
+
+    result = run_watcher(
+        "--config", str(config), "--once", env={**os.environ, "HOME": str(folder.parent)}
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert names(folder) == {ck(400), ck(500), ".ckpt-watcher.lock"}
+
+
+def test_pattern_matching_nothing_warns(folder: Path) -> None:
+    result = run_watcher(str(folder), "--once", "--pattern", "checkpoint-*.pt")
+
+    assert result.returncode == 0
+    assert "no checkpoint matches the pattern 'checkpoint-*.pt'" in result.stderr
+    assert f"'{ck(100)}'" in result.stderr
+
+
+def test_pattern_with_leading_star_warns(folder: Path) -> None:
+    result = run_watcher(str(folder), "--once", "--dry-run", "--pattern", "*.pt")
+
+    assert result.returncode == 0
+    assert "starts with '*'" in result.stderr
+
+
+def test_lock_file_of_another_user(folder: Path) -> None:
+    """A lock file that another user created, read-only to us, must not keep a watcher out."""
+    lock = folder / ".ckpt-watcher.lock"
+    lock.write_text("12345\n")
+    os.chown(lock, 54321, 54321)
+    os.chmod(lock, 0o644)
+    os.chmod(folder, 0o777)
+    for path in folder.glob("model_v2_step*"):
+        os.chown(path, 12345, 12345)
+
+    from watcher.lock import acquire_lock
+
+    # Opened before the user changes, because the folders above tmp_path are private to root.
+    dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    child = os.fork()
+    if child == 0:  # the child becomes another unprivileged user and takes the lock
+        status = 1
+        try:
+            os.setgid(12345)
+            os.setuid(12345)
+            status = 0 if acquire_lock(dir_fd, str(folder)) is not None else 1
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(child, 0)
+    os.close(dir_fd)
+
+    assert os.waitstatus_to_exitcode(status) == 0

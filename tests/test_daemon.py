@@ -7,11 +7,12 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import Samples, save_atomically, wait_until, write_file
+from conftest import REPO, Samples, save_atomically, wait_until, write_file
 
 RUN = "20251027_110846"
 LOCK = ".ckpt-watcher.lock"
@@ -252,3 +253,96 @@ def test_dead_observer_is_replaced(folder: Path, samples: Samples, start_watcher
 
     assert wait_until(lambda: steps_left(folder) == [2, 3])
     assert watcher.stop() == 0
+
+
+def test_link_refresh_keeps_target(folder: Path, samples: Samples, start_watcher) -> None:
+    """Refreshing best.pt by delete and create must never expose its target to a pass."""
+    for step in (1, 2, 3):
+        write_file(folder / ck(step), samples.valid)
+    link = folder / "best.pt"
+    link.symlink_to(ck(1))
+    watcher = start_watcher(str(folder), "--keep-last", "1")
+    assert wait_until(lambda: steps_left(folder) == [1, 3])
+
+    for _ in range(300):
+        os.remove(link)
+        time.sleep(0.001)
+        os.symlink(ck(1), link)
+        time.sleep(0.001)
+        assert (folder / ck(1)).exists(), "the target of best.pt was pruned during a refresh"
+    assert watcher.stop() == 0
+    assert "pruned 'model_v2_step1_" not in watcher.log
+
+
+def test_rollback_keeps_new_checkpoint(folder: Path, samples: Samples, start_watcher) -> None:
+    """A run restarted from an earlier step keeps its newest save despite stale higher steps."""
+    for step in (900, 1000):
+        write_file(folder / ck(step), samples.valid)
+    watcher = start_watcher(str(folder), "--keep-last", "2")
+    assert watcher.wait_for_log("pass done")
+
+    save_atomically(folder / ck(20), samples.valid)
+    assert watcher.wait_for_log("restarted or rolled back")
+    assert steps_left(folder) == [20, 900, 1000]
+    save_atomically(folder / ck(40), samples.valid)
+    assert wait_until(lambda: steps_left(folder) == [40, 900, 1000])
+
+    save_atomically(folder / ck(1100), samples.valid)
+    assert wait_until(lambda: steps_left(folder) == [1000, 1100])
+    assert watcher.stop() == 0
+
+
+def test_relative_folder_survives_cwd_removal(
+    tmp_path: Path, samples: Samples, start_watcher
+) -> None:
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    watcher = start_watcher(
+        "checkpoints",
+        wrapper=[sys.executable, "-m", "watcher", "checkpoints"],
+        cwd=run,
+        env={"PYTHONPATH": str(REPO)},
+    )
+    assert watcher.wait_for_log("pass done")
+
+    shutil.rmtree(run)
+    (run / "checkpoints").mkdir(parents=True)
+    for step in (1, 2, 3):
+        save_atomically(run / "checkpoints" / ck(step), samples.valid)
+
+    assert wait_until(lambda: steps_left(run / "checkpoints") == [2, 3])
+    assert watcher.process.poll() is None
+    assert watcher.stop() == 0
+
+
+def test_in_place_write_does_not_flood(folder: Path, samples: Samples, start_watcher) -> None:
+    watcher = start_watcher(str(folder), "-v")
+    assert watcher.wait_for_log("pass done")
+
+    data = samples.valid * 40  # 40 copies: invalid as a whole, which is fine for this test
+    with open(folder / ck(1), "wb") as file:
+        for start in range(0, len(data), len(data) // 150):
+            file.write(data[start : start + len(data) // 150])
+            file.flush()
+            time.sleep(0.01)
+    time.sleep(1.5)
+
+    assert watcher.stop() == 0
+    passes = watcher.log.count("pass done")
+    assert passes <= 8, f"{passes} passes for one in-place write of about 2 s"
+    assert "invalid, kept and not counted" not in watcher.log
+
+
+def test_dry_run_daemon_reports_once(folder: Path, samples: Samples, start_watcher) -> None:
+    for step in (1, 2, 3):
+        write_file(folder / ck(step), samples.valid)
+    watcher = start_watcher(str(folder), "--dry-run")
+    assert watcher.wait_for_log("would prune")
+
+    for step in (4, 5):
+        save_atomically(folder / ck(step), samples.valid)
+    assert watcher.wait_for_log("5 checkpoints")
+
+    assert watcher.stop() == 0
+    assert watcher.log.count(f"would prune '{ck(1)}'") == 1
+    assert steps_left(folder) == [1, 2, 3, 4, 5]

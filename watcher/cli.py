@@ -29,6 +29,7 @@ log = logging.getLogger("watcher")
 EXIT_OK = 0
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 EPILOG = """\
 exit status:
@@ -38,6 +39,7 @@ exit status:
      watcher holds the folder's lock, a deletion failed (with --once), or the
      daemon could not keep its observer running
   2  invalid arguments or configuration; nothing was deleted
+  130  --once interrupted by SIGINT (Ctrl-C); the pass stopped part way
 
 Only regular files directly inside DIR whose whole name matches the pattern are
 checkpoints; everything else is never deleted. Invalid (incomplete, truncated or
@@ -191,6 +193,9 @@ def run_once(policy: Policy) -> int:
         lock_fd = _lock_for_once(dir_fd, policy)
         try:
             summary = Pruner(policy, report=print).run(dir_fd)
+        except KeyboardInterrupt:
+            log.error("interrupted: the pass stopped part way; files not reached are untouched")
+            return EXIT_INTERRUPTED
         finally:
             if lock_fd is not None:
                 os.close(lock_fd)
@@ -226,6 +231,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
 
     log.info("policy: %s", policy.describe())
+    if policy.pattern.startswith("*"):
+        log.warning(
+            "the pattern %r starts with '*', so any matching name that starts with digits is a "
+            "checkpoint, data files such as '000.pt' included; a pattern with a fixed prefix is "
+            "safer",
+            policy.pattern,
+        )
     if args.once:
         return run_once(policy)
 

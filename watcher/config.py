@@ -82,7 +82,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(f"config file {str(path)!r} cannot be read: {error}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -104,6 +104,21 @@ def read_config_file(path: Path) -> dict[str, Any]:
                 f"valid keys: {', '.join(FIELD_NAMES)}"
             )
     return data
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe YAML loader that rejects a key given twice, which PyYAML would silently merge."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def build_policy(values: dict[str, Any], config_file: Path | None = None) -> Policy:
@@ -156,11 +171,11 @@ def check_pattern(pattern: Any) -> str:
 
 
 def _check_directory(value: Any) -> Path:
-    if isinstance(value, Path):
-        return value
-    if not isinstance(value, str) or not value or "\0" in value:
+    if not isinstance(value, (str, Path)) or not str(value) or "\0" in str(value):
         raise ConfigError(f"directory must be a non-empty path string, not {value!r}", "directory")
-    return Path(value)
+    # Absolute now, so that the daemon keeps watching the same folder if its working directory
+    # is deleted later.
+    return Path(os.path.abspath(os.path.expanduser(value)))
 
 
 def _check_int(key: str, value: Any, minimum: int) -> int:
@@ -208,6 +223,7 @@ def _check_interval(value: Any) -> float:
         )
     if not math.isfinite(value) or value < 1:
         raise ConfigError(
-            f"rescan_interval must be at least 1 second, not {value}", "rescan_interval"
+            f"rescan_interval must be a finite number of seconds >= 1, not {value}",
+            "rescan_interval",
         )
     return float(value)

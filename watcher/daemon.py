@@ -41,6 +41,12 @@ WAIT_INTERVAL = 0.1
 gets its first checkpoints pruned within a fraction of a second."""
 POLL_INTERVAL = 1.0
 """Seconds between listings made by the polling observer."""
+INVALID_REPORT_DELAY = 30.0
+"""Seconds an invalid checkpoint must stay unchanged before it is logged as a warning: one that is
+still being written changes all the time and is only logged at DEBUG."""
+MODIFIED_PASS_INTERVAL = 1.0
+"""Least seconds between passes caused only by writes into a file. A large in-place save sends
+thousands of modified events, and its end is announced by a closed event anyway."""
 MAX_OBSERVER_RESTARTS = 5
 RESTART_WINDOW = 600.0
 """More than MAX_OBSERVER_RESTARTS within this many seconds ends the daemon with status 1, so the
@@ -77,7 +83,10 @@ class _EventHandler(FileSystemEventHandler):
         try:
             log.debug("event %s %s -> %s", event.event_type, event.src_path, event.dest_path)
             if self._daemon.is_relevant(event):
-                self._daemon.request_pass()
+                if event.event_type == "modified":
+                    self._daemon.request_lazy_pass()
+                else:
+                    self._daemon.request_pass()
         except Exception:
             # An exception escaping here would end the observer's dispatch thread silently.
             log.exception("failed to handle event %r; running a full pass instead", event)
@@ -106,9 +115,10 @@ class Daemon:
         self.policy = policy
         self._load_policy = load_policy
         self._notifier = notifier or Notifier()
-        self._pruner = Pruner(policy)
+        self._pruner = Pruner(policy, invalid_report_delay=INVALID_REPORT_DELAY)
         self._wake = threading.Event()
         self._pass_requested = True
+        self._lazy_pass_requested = False
         self._stop_requested = False
         self._reload_requested = False
         self._watch: _Watch | None = None
@@ -124,6 +134,11 @@ class Daemon:
 
     def request_pass(self) -> None:
         self._pass_requested = True
+        self._wake.set()
+
+    def request_lazy_pass(self) -> None:
+        """Ask for a pass no sooner than MODIFIED_PASS_INTERVAL after the previous one."""
+        self._lazy_pass_requested = True
         self._wake.set()
 
     def request_stop(self, signum: int, _frame=None) -> None:
@@ -202,6 +217,7 @@ class Daemon:
 
             if self._watch is not None and self._pass_due():
                 self._pass_requested = False
+                self._lazy_pass_requested = False
                 self._run_pass()
             self._ping_watchdog()
             self._wake.wait(self._sleep_time())
@@ -348,9 +364,10 @@ class Daemon:
     # Passes, reloads and service notices
 
     def _pass_due(self) -> bool:
-        return self._pass_requested or (
-            time.monotonic() - self._last_pass >= self.policy.rescan_interval
-        )
+        since_last = time.monotonic() - self._last_pass
+        if self._lazy_pass_requested and since_last >= MODIFIED_PASS_INTERVAL:
+            return True
+        return self._pass_requested or since_last >= self.policy.rescan_interval
 
     def _run_pass(self) -> None:
         self._last_pass = time.monotonic()
@@ -389,10 +406,8 @@ class Daemon:
         log.info("config reloaded: %s", policy.describe())
         if (policy.directory, policy.polling) != (self.policy.directory, self.policy.polling):
             self._detach()
-        cache = self._pruner.cache
         self.policy = policy
-        self._pruner = Pruner(policy)
-        self._pruner.cache = cache
+        self._pruner.replace_policy(policy)
         self._pass_requested = True
 
     def _ping_watchdog(self) -> None:
@@ -410,6 +425,8 @@ class Daemon:
         deadlines = [FOLDER_CHECK_INTERVAL if self._watch is not None else WAIT_INTERVAL]
         if self._watch is not None:
             deadlines.append(self._last_pass + self.policy.rescan_interval - now)
+            if self._lazy_pass_requested:
+                deadlines.append(self._last_pass + MODIFIED_PASS_INTERVAL - now)
         if self._notifier.watchdog_interval is not None:
             deadlines.append(self._next_ping - now)
         return max(0.0, min(deadlines))

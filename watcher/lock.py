@@ -24,9 +24,8 @@ def acquire_lock(dir_fd: int, folder: str) -> int | None:
     disk the lock file may not be creatable: then the watcher runs without the lock, with a
     warning, because a full disk is exactly when pruning is needed.
     """
-    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        fd = os.open(LOCK_NAME, flags, 0o644, dir_fd=dir_fd)
+        fd = _open_lock_file(dir_fd)
     except OSError as error:
         if error.errno in (errno.ENOSPC, errno.EDQUOT):
             log.warning(
@@ -54,8 +53,27 @@ def acquire_lock(dir_fd: int, folder: str) -> int | None:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     except OSError as error:
-        # The lock holds without the id; a second watcher then names the holder as unknown.
-        log.warning("cannot write the process id into the lock file in %r: %s", folder, error)
+        # The lock holds without the id, so a second watcher may name an earlier holder.
+        log.info("cannot write the process id into the lock file in %r: %s", folder, error)
+    return fd
+
+
+def _open_lock_file(dir_fd: int) -> int:
+    """Open or create the lock file, read-only when another user created it.
+
+    flock() needs no write access, so a lock file left by another user (say, someone who ran a
+    dry run by hand before the service started) must not keep the watcher out. A new lock file
+    is made writable by all, so the next watcher of any user can record its process id in it.
+    """
+    flags = os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(LOCK_NAME, flags | os.O_RDWR | os.O_CREAT, 0o666, dir_fd=dir_fd)
+    except PermissionError:
+        return os.open(LOCK_NAME, flags | os.O_RDONLY, dir_fd=dir_fd)
+    try:
+        os.fchmod(fd, 0o666)
+    except OSError:
+        pass  # a lock file of another user, opened through a group or ACL grant
     return fd
 
 

@@ -5,6 +5,9 @@ This module touches no files. Its rules, applied to each series on its own:
 - Order is the integer step, never the file time or the string order of names.
 - The newest `keep_last` valid checkpoints are kept. Milestones never use up one of those places.
 - Every milestone is kept, and so is every checkpoint that a symlink in the folder resolves to.
+- The caller may name checkpoints that just arrived (the daemon names the newest arrival of each
+  series), which are kept too, so a restarted or rolled-back run that reuses a series never has
+  the checkpoint it just wrote pruned because of stale higher steps.
 - An invalid file (empty, truncated, still being written, not a torch file) is always kept and
   never counts, so it can neither push out a valid checkpoint nor be deleted while it is written.
 - Every other checkpoint is pruned.
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 import enum
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 from watcher.config import Policy
@@ -56,10 +59,12 @@ def plan_retention(
     verdicts: Mapping[str, Verdict],
     link_targets: Mapping[tuple[int, int], tuple[str, ...]],
     policy: Policy,
+    arrivals: Collection[str] = (),
 ) -> Plan:
     """Decide, for every checkpoint, whether it is kept or pruned, and why.
 
     `verdicts` maps each checkpoint name to its validity; a missing name counts as invalid.
+    `arrivals` names checkpoints that are kept because they were just written.
     The result is sorted by series, then step, then name, so it never depends on listing order.
     """
     by_series: dict[str, list[Entry]] = defaultdict(list)
@@ -69,7 +74,7 @@ def plan_retention(
     decisions: list[Decision] = []
     for series in sorted(by_series):
         entries = sorted(by_series[series], key=lambda e: (e.step, e.name))
-        decisions.extend(_plan_series(entries, verdicts, link_targets, policy))
+        decisions.extend(_plan_series(entries, verdicts, link_targets, policy, set(arrivals)))
     _check_newest_kept(decisions, verdicts)
     return Plan(tuple(decisions))
 
@@ -79,6 +84,7 @@ def _plan_series(
     verdicts: Mapping[str, Verdict],
     link_targets: Mapping[tuple[int, int], tuple[str, ...]],
     policy: Policy,
+    arrivals: set[str],
 ) -> list[Decision]:
     newest = [
         entry
@@ -90,7 +96,7 @@ def _plan_series(
 
     decisions = []
     for entry in entries:
-        reason = _reason_to_keep(entry, verdicts, link_targets, policy, newest_names)
+        reason = _reason_to_keep(entry, verdicts, link_targets, policy, newest_names, arrivals)
         if reason is not None:
             decisions.append(Decision(entry, Action.KEEP, reason))
         else:
@@ -109,6 +115,7 @@ def _reason_to_keep(
     link_targets: Mapping[tuple[int, int], tuple[str, ...]],
     policy: Policy,
     newest_names: set[str],
+    arrivals: set[str],
 ) -> str | None:
     if not _is_valid(entry, verdicts):
         verdict = verdicts.get(entry.name)
@@ -123,6 +130,8 @@ def _reason_to_keep(
         return "milestone (listed in milestones)"
     if entry.name in newest_names:
         return f"among the newest {policy.keep_last} valid checkpoints of its series"
+    if entry.name in arrivals:
+        return "the checkpoint of its series written most recently, although higher steps exist"
     return None
 
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from watcher.policy import Decision, Plan
 
@@ -19,27 +19,24 @@ class PruneResult:
     bytes_freed: int = 0
     skipped: int = 0
     """Files left in place because they changed or vanished since the scan."""
-    failed: int = 0
-    """Deletions the filesystem rejected."""
+    failures: list[tuple[Decision, str]] = field(default_factory=list)
+    """Deletions that failed, with the error, for the caller to report."""
+
+    @property
+    def failed(self) -> int:
+        return len(self.failures)
 
 
-def execute_plan(
-    plan: Plan, dir_fd: int, dry_run: bool, report: Callable[[str], None] | None = None
-) -> PruneResult:
+def execute_plan(plan: Plan, dir_fd: int, dry_run: bool) -> PruneResult:
     """Delete each file the plan prunes, logging the file, its step, series, reason and size.
 
     A file that is gone already is skipped quietly, one that changed since the scan is left for the
-    next pass, and a failed deletion is logged and the rest of the plan still runs. In a dry run
-    each file is passed to `report` (the log by default) and nothing is deleted.
+    next pass, and a failed deletion is recorded in the result and the rest of the plan still runs.
+    A dry run deletes nothing and only counts what would go.
     """
     result = PruneResult()
     for decision in plan.pruned:
         if dry_run:
-            message = f"would prune {_describe(decision)}"
-            if report is None:
-                log.info("%s", message)
-            else:
-                report(message)
             result.pruned += 1
             result.bytes_freed += decision.entry.stat.st_size
             continue
@@ -56,8 +53,7 @@ def _prune_one(decision: Decision, dir_fd: int, result: PruneResult) -> None:
         result.skipped += 1
         return
     except OSError as error:
-        log.warning("cannot check %r before pruning, left in place: %s", entry.name, error)
-        result.failed += 1
+        result.failures.append((decision, f"cannot check it before deleting: {error}"))
         return
     if not _unchanged(entry.stat, current):
         # Another name or another file now sits under this name (a link swapped in, or a rewrite):
@@ -75,10 +71,15 @@ def _prune_one(decision: Decision, dir_fd: int, result: PruneResult) -> None:
         result.skipped += 1
         return
     except OSError as error:
-        log.warning("failed to prune %r: %s; the pass goes on", entry.name, error)
-        result.failed += 1
+        text = str(error)
+        if error.errno in (errno.EPERM, errno.EACCES):
+            text += (
+                "; the watcher needs write permission on the folder, and in a sticky folder "
+                "(mode +t) only the file's owner may delete it"
+            )
+        result.failures.append((decision, text))
         return
-    log.info("pruned %s", _describe(decision))
+    log.info("pruned %s", describe_decision(decision))
     result.pruned += 1
     result.bytes_freed += entry.stat.st_size
 
@@ -92,7 +93,7 @@ def _unchanged(before: os.stat_result, now: os.stat_result) -> bool:
     )
 
 
-def _describe(decision: Decision) -> str:
+def describe_decision(decision: Decision) -> str:
     entry = decision.entry
     return (
         f"{entry.name!r} (step {entry.step}, series {entry.series!r}, "
