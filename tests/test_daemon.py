@@ -346,3 +346,11 @@ def test_dry_run_daemon_reports_once(folder: Path, samples: Samples, start_watch
     assert watcher.stop() == 0
     assert watcher.log.count(f"would prune '{ck(1)}'") == 1
     assert steps_left(folder) == [1, 2, 3, 4, 5]
+
+
+def test_periodic_rescan_without_events(folder: Path, start_watcher) -> None:
+    watcher = start_watcher(str(folder), "--rescan-interval", "1")
+    assert watcher.wait_for_log("pass done")
+
+    assert watcher.wait_for_log("pass done", count=4, timeout=10)
+    assert watcher.stop() == 0
