@@ -426,12 +426,14 @@ class TrainerCrashChain:
     def _check_stray_temps(self) -> None:
         matcher = NameMatcher(PATTERN)
         present = set(os.listdir(self.folder))
+        # A killed save leaves its temp file; the next trainer start removes it, and the final
+        # run to completion starts after the last kill, so none may be left at the end.
         for temp in self.report.stray_temps:
-            if temp not in present:
-                self._problem(f"stray temp file {temp} disappeared")
+            if temp in present:
+                self._problem(f"stray temp file {temp} was not removed by the next trainer start")
             if matcher.match(temp) is not None or fnmatch.fnmatchcase(temp, PATTERN):
                 self._problem(f"stray temp file {temp} matches the checkpoint pattern")
-        others = present - set(self.report.stray_temps) - {LOCK_NAME}
+        others = present - {LOCK_NAME}
         unexpected = [name for name in others if NAME_REGEX.fullmatch(name) is None]
         if unexpected:
             self._problem(f"unexpected files in the folder: {sorted(unexpected)}")

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from helpers_crash import LoggedProcess, run_watcher_once, start_watcher
 
+from watcher.prune import PRUNING_PREFIX
 from watcher.scan import LOCK_NAME
 
 RUN = "20260101_000000"
@@ -190,18 +191,23 @@ def build_folder(folder: Path, layout: Layout) -> None:
 
 
 def snapshot(folder: Path) -> dict[str, tuple]:
-    """Return each entry except the lock file, as (kind, size) or (kind, link target)."""
+    """Return each entry except the lock file, as (kind, size) or (kind, link target).
+
+    A file that a killed watcher left under its hidden pruning name counts under its own name:
+    the next watcher gives the name back before its first pass.
+    """
     entries = {}
     with os.scandir(folder) as listing:
         for entry in listing:
             if entry.name == LOCK_NAME:
                 continue
+            name = entry.name.removeprefix(PRUNING_PREFIX)
             if entry.is_symlink():
-                entries[entry.name] = ("link", os.readlink(entry.path))
+                entries[name] = ("link", os.readlink(entry.path))
             elif entry.is_dir(follow_symlinks=False):
-                entries[entry.name] = ("dir",)
+                entries[name] = ("dir",)
             else:
-                entries[entry.name] = ("file", entry.stat(follow_symlinks=False).st_size)
+                entries[name] = ("file", entry.stat(follow_symlinks=False).st_size)
     return entries
 
 

@@ -262,3 +262,14 @@ def test_lock_file_of_another_user(folder: Path) -> None:
     os.close(dir_fd)
 
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_interrupted_deletion_is_restored(folder: Path) -> None:
+    """A crash between hiding a file and deleting it leaves the hidden name; it comes back."""
+    os.rename(folder / ck(500), folder / f".ckpt-watcher.pruning.{ck(500)}")
+
+    result = run_watcher(str(folder), "--once")
+
+    assert result.returncode == 0, result.stderr
+    assert names(folder) == {ck(400), ck(500), ".ckpt-watcher.lock"}
+    assert f"restored '{ck(500)}'" in result.stderr

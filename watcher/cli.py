@@ -202,6 +202,9 @@ def run_once(policy: Policy) -> int:
     except (LockError, UnsafePlanError) as error:
         log.error("%s", error)
         return EXIT_RUNTIME
+    except OSError as error:
+        log.error("pass failed on %s: %s", policy.directory, error.strerror or error)
+        return EXIT_RUNTIME
     finally:
         os.close(dir_fd)
     log.info("%s", summary.describe())

@@ -6,6 +6,7 @@ import errno
 import fcntl
 import logging
 import os
+import stat
 import time
 
 from watcher.scan import LOCK_NAME
@@ -64,12 +65,24 @@ def _open_lock_file(dir_fd: int) -> int:
     flock() needs no write access, so a lock file left by another user (say, someone who ran a
     dry run by hand before the service started) must not keep the watcher out. A new lock file
     is made writable by all, so the next watcher of any user can record its process id in it.
+    A lock file that is not a regular file with a single link is rejected, so that writing the
+    process id can never change a file outside the folder through a hard link.
     """
-    flags = os.O_NOFOLLOW | os.O_CLOEXEC
+    flags = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
     try:
         fd = os.open(LOCK_NAME, flags | os.O_RDWR | os.O_CREAT, 0o666, dir_fd=dir_fd)
-    except PermissionError:
-        return os.open(LOCK_NAME, flags | os.O_RDONLY, dir_fd=dir_fd)
+    except PermissionError as refused:
+        try:
+            fd = os.open(LOCK_NAME, flags | os.O_RDONLY, dir_fd=dir_fd)
+        except FileNotFoundError:
+            raise refused from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        os.close(fd)
+        raise LockError(
+            f"the lock file {LOCK_NAME!r} is not a regular file with a single link "
+            f"({info.st_nlink} links): remove it and start the watcher again"
+        )
     try:
         os.fchmod(fd, 0o666)
     except OSError:
@@ -78,11 +91,25 @@ def _open_lock_file(dir_fd: int) -> int:
 
 
 def _read_holder(fd: int) -> str:
-    # The holder writes its id right after locking, so a watcher that lost a race by microseconds
-    # may read an empty file; a few short retries cover that.
+    """Return the process id of the watcher that holds the lock, as recorded in the file.
+
+    The holder writes its id right after locking, so a watcher that lost a race by microseconds
+    may read an empty file, or the id of an earlier holder that has exited. A few short retries
+    wait for the id of a running process.
+    """
     for _ in range(20):
         text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-        if text:
+        if text.isdigit() and _process_exists(int(text)):
             return text
         time.sleep(0.01)
     return "unknown"
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 from watcher.config import Policy
 from watcher.policy import plan_retention
-from watcher.prune import describe_decision, execute_plan
-from watcher.scan import LOCK_NAME, Entry, Kind, NameMatcher, scan_folder
+from watcher.prune import PRUNING_PREFIX, describe_decision, execute_plan, restore_interrupted
+from watcher.scan import Entry, Kind, NameMatcher, scan_folder
 from watcher.validity import ValidityCache, stat_key
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,10 @@ class Pruner:
     def run(self, dir_fd: int) -> PassSummary:
         started = time.monotonic()
         listing = scan_folder(dir_fd, self.matcher)
+        hidden = [e.name for e in listing.entries if e.name.startswith(PRUNING_PREFIX)]
+        if hidden and self._passes == 0 and not self.policy.dry_run:
+            restore_interrupted(dir_fd, hidden)
+            listing = scan_folder(dir_fd, self.matcher)
         checkpoints = listing.checkpoints
         verdicts = {
             entry.name: self.cache.check(dir_fd, entry.name, entry.stat) for entry in checkpoints
@@ -156,22 +160,22 @@ class Pruner:
         for entry in valid.values():
             highest[entry.series] = max(highest.get(entry.series, entry.step), entry.step)
         if self._passes > 0:
+            newcomers: dict[str, Entry] = {}
             for key, entry in valid.items():
-                if key in self._valid_seen:
-                    continue
-                candidate = (self._passes, entry.step, entry.name)
-                current = self._arrivals.get(entry.series)
-                if current is None or candidate > current:
-                    self._arrivals[entry.series] = candidate
-                    if entry.step < highest[entry.series]:
-                        log.warning(
-                            "%r (step %d) arrived after step %d of its series %r: the run was "
-                            "restarted or rolled back, so it is kept although higher steps exist",
-                            entry.name,
-                            entry.step,
-                            highest[entry.series],
-                            entry.series,
-                        )
+                best = newcomers.get(entry.series)
+                if key not in self._valid_seen and (best is None or entry.step > best.step):
+                    newcomers[entry.series] = entry
+            for series, entry in newcomers.items():
+                self._arrivals[series] = (self._passes, entry.step, entry.name)
+                if entry.step < highest[series]:
+                    log.warning(
+                        "%r (step %d) arrived after step %d of its series %r: the run was "
+                        "restarted or rolled back, so it is kept although higher steps exist",
+                        entry.name,
+                        entry.step,
+                        highest[series],
+                        series,
+                    )
         self._valid_seen = set(valid)
         present = {entry.name for entry in valid.values()}
         self._arrivals = {s: a for s, a in self._arrivals.items() if a[2] in present}
@@ -215,13 +219,16 @@ class Pruner:
         self._invalid_since = tracked
 
     def _warn_no_match(self, listing) -> None:
-        others = [e.name for e in listing.entries if e.kind is Kind.OTHER and e.name != LOCK_NAME]
+        # Hidden names (temp files of a save in progress, the lock file) are no sign of a wrong
+        # pattern, so only visible names are shown.
+        others = [e.name for e in listing.entries if e.kind is Kind.OTHER and e.name[:1] != "."]
         if not others or self._warned_no_match:
             return
         self._warned_no_match = True
         log.warning(
             "no checkpoint matches the pattern %r (a whole-name match with digits where its first "
-            "'*' starts) among the %d other names in the folder, such as %s: check --pattern",
+            "'*' starts) among the %d other visible names in the folder, such as %s: check "
+            "--pattern",
             self.policy.pattern,
             len(others),
             ", ".join(repr(name) for name in sorted(others)[:3]),

@@ -12,6 +12,10 @@ from watcher.policy import Decision, Plan
 
 log = logging.getLogger(__name__)
 
+PRUNING_PREFIX = ".ckpt-watcher.pruning."
+"""Prefix of the hidden name a checkpoint gets just before it is deleted. Its leading dot and
+fixed text mean no pattern can take it for a checkpoint: no digits follow a leading `*`."""
+
 
 @dataclass
 class PruneResult:
@@ -45,43 +49,90 @@ def execute_plan(plan: Plan, dir_fd: int, dry_run: bool) -> PruneResult:
 
 
 def _prune_one(decision: Decision, dir_fd: int, result: PruneResult) -> None:
+    """Delete one checkpoint, making sure the file deleted is the one the plan was made for.
+
+    The name is first renamed to a hidden name, which takes whatever sits under the name at that
+    instant out of reach of any writer; only then is it compared with the scanned file. A new save
+    or a link that replaced the file after the scan is put back, never deleted, and unlink never
+    follows a link.
+    """
     entry = decision.entry
+    hidden = PRUNING_PREFIX + entry.name
     try:
-        current = os.stat(entry.name, dir_fd=dir_fd, follow_symlinks=False)
+        os.rename(entry.name, hidden, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except FileNotFoundError:
         log.info("already gone, nothing to prune: %r", entry.name)
         result.skipped += 1
         return
     except OSError as error:
-        result.failures.append((decision, f"cannot check it before deleting: {error}"))
-        return
-    if not _unchanged(entry.stat, current):
-        # Another name or another file now sits under this name (a link swapped in, or a rewrite):
-        # the plan no longer applies to it, so the next pass decides afresh.
-        log.warning("%r changed since the scan, left in place for the next pass", entry.name)
-        result.skipped += 1
+        result.failures.append((decision, _deletion_error(error)))
         return
 
-    # NOTE: Linux has no unlink-by-handle, so a swap between the check above and this call can
-    # still remove the swapped-in name. unlink never follows a link, so no target is ever deleted.
     try:
-        os.unlink(entry.name, dir_fd=dir_fd)
-    except FileNotFoundError:
-        log.info("already gone, nothing to prune: %r", entry.name)
-        result.skipped += 1
-        return
+        current = os.stat(hidden, dir_fd=dir_fd, follow_symlinks=False)
+        if not _unchanged(entry.stat, current):
+            # A link swapped in or a new save since the scan: the plan does not apply to it.
+            _restore(hidden, entry.name, dir_fd)
+            log.warning("%r changed since the scan, left in place for the next pass", entry.name)
+            result.skipped += 1
+            return
+        os.unlink(hidden, dir_fd=dir_fd)
     except OSError as error:
-        text = str(error)
-        if error.errno in (errno.EPERM, errno.EACCES):
-            text += (
-                "; the watcher needs write permission on the folder, and in a sticky folder "
-                "(mode +t) only the file's owner may delete it"
-            )
-        result.failures.append((decision, text))
+        _restore(hidden, entry.name, dir_fd)
+        result.failures.append((decision, _deletion_error(error)))
         return
     log.info("pruned %s", describe_decision(decision))
     result.pruned += 1
     result.bytes_freed += entry.stat.st_size
+
+
+def _restore(hidden: str, name: str, dir_fd: int) -> None:
+    """Put a file back under its name, unless a newer file took the name meanwhile."""
+    try:
+        # link() never replaces an existing name, unlike rename(), so a newer file is safe.
+        os.link(hidden, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+    except FileExistsError:
+        log.warning(
+            "%r was replaced twice during its deletion; the older file is kept as %r", name, hidden
+        )
+        return
+    except FileNotFoundError:
+        return
+    except OSError:
+        # NOTE: on a filesystem without hard links this rename can replace a file that took the
+        # name in the microseconds since the check below.
+        try:
+            os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            os.rename(hidden, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            return
+        log.warning("cannot restore %r, because the name is taken; it is kept as %r", name, hidden)
+        return
+    os.unlink(hidden, dir_fd=dir_fd)
+
+
+def restore_interrupted(dir_fd: int, names: list[str]) -> None:
+    """Give back their names to files left hidden by a deletion that a crash interrupted."""
+    for hidden in names:
+        name = hidden[len(PRUNING_PREFIX) :]
+        try:
+            _restore(hidden, name, dir_fd)
+        except OSError as error:
+            log.warning("cannot restore %r to %r: %s", hidden, name, error)
+            continue
+        log.info("restored %r, hidden by a deletion that was interrupted, for the next pass", name)
+
+
+def _deletion_error(error: OSError) -> str:
+    text = str(error)
+    if error.errno == errno.ENAMETOOLONG:
+        text += f"; the name is too long to take the prefix {PRUNING_PREFIX!r} for a safe deletion"
+    if error.errno in (errno.EPERM, errno.EACCES):
+        text += (
+            "; the watcher needs write permission on the folder, and in a sticky folder "
+            "(mode +t) only the file's owner may delete it"
+        )
+    return text
 
 
 def _unchanged(before: os.stat_result, now: os.stat_result) -> bool:

@@ -89,6 +89,12 @@ def _classify(item: os.DirEntry, matcher: NameMatcher) -> Entry | None:
         info = item.stat(follow_symlinks=False)
     except FileNotFoundError:
         return None  # removed between listing and stat
+    except PermissionError as error:
+        raise PermissionError(
+            error.errno,
+            f"cannot look up {item.name!r}: {error.strerror}; the watcher needs read and "
+            "execute (search) permission on the folder",
+        ) from None
     if stat.S_ISLNK(info.st_mode):
         return Entry(item.name, Kind.LINK, stat=info)
     found = matcher.match(item.name) if item.name != LOCK_NAME else None
