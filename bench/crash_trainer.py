@@ -69,7 +69,7 @@ def describe_checks(report: TrainerCrashReport) -> list[str]:
     ]
     lines.append(
         f"- stray temp files left by SIGKILL: {len(report.stray_temps)}; at the end each was "
-        "checked to be still present and outside the checkpoint pattern"
+        "checked to be outside the checkpoint pattern and removed by the next trainer start"
     )
     lines.append(
         f"- checkpoint files at the end: {report.checkpoint_files_at_end} "
