@@ -51,9 +51,9 @@ def execute_plan(plan: Plan, dir_fd: int, dry_run: bool) -> PruneResult:
 def _prune_one(decision: Decision, dir_fd: int, result: PruneResult) -> None:
     """Delete one checkpoint, making sure the file deleted is the one the plan was made for.
 
-    The name is first renamed to a hidden name, which takes whatever sits under the name at that
-    instant out of reach of any writer; only then is it compared with the scanned file. A new save
-    or a link that replaced the file after the scan is put back, never deleted, and unlink never
+    The name is first renamed to a hidden name, so whatever sits under the name at that instant is
+    out of reach of any writer. Only then is it compared with the scanned file. A new save or a
+    link that replaced the file after the scan is put back, never deleted, and unlink never
     follows a link.
     """
     entry = decision.entry
