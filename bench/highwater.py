@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     args = lib.parse_args(__doc__.splitlines()[0], argv)
     train_args = ["--seed", "0", "--save-every-steps", "2", "--log-every", "50"]
     if args.quick:
-        train_args += ["--steps", "20", "--d-model", "32", "--n-layers", "1", "--n-heads", "2"]
+        train_args += ["--steps", "12", "--d-model", "32", "--n-layers", "1", "--n-heads", "2"]
         train_args += ["--max-corpus-bytes", "200000"]
     else:
         train_args += ["--steps", "300"]
@@ -203,7 +203,8 @@ def main(argv=None) -> int:
         ),
         "",
         (
-            "| variant | saves per run | max checkpoints | max checkpoints minus milestones present "
+            "| variant | saves per run | max checkpoints "
+            "| max checkpoints minus milestones present "
             "| max checkpoints + temp files | most spells over the bound in a run "
             "| longest spell ms |"
         ),

@@ -155,6 +155,8 @@ class Pruner:
         valid, so a file completes its arrival when it becomes valid. Ties within one pass go
         to the higher step.
         """
+        # NOTE: arrivals live in memory only, so after a restart a rolled-back run's newest save
+        # is ordered by step alone until its next save arrives.
         valid = {(e.name, e.stat.st_ino): e for e in checkpoints if verdicts[e.name].valid}
         highest: dict[str, int] = {}
         for entry in valid.values():
