@@ -6,10 +6,12 @@ the milestones (steps divisible by 100) and steps 998 and 999. The in-loop alter
 their retention after each rename and keep the newest 2, so they must end with 999 and 1000.
 
 This script tracks the folder with its own inotify watch (IN_MOVED_TO, IN_DELETE,
-IN_MOVED_FROM), reading events between saves during the burst and continuously after it. The convergence time runs
-from the last rename to the read of the event that makes the set of checkpoint names exactly
-the expected set; a final listing confirms it. Events are stamped when read, so the figure can
-be late by one read of the queue, well under a millisecond at these rates.
+IN_MOVED_FROM), reading events between saves during the burst and continuously after it. The
+watcher renames a checkpoint to a hidden name before it unlinks it, so a rename away counts as
+a removal. The convergence time runs from the last rename to the read of the event that makes
+the set of checkpoint names exactly the expected set, and a final listing confirms it. Events
+are stamped when read, so the figure can be late by one read of the queue, well under a
+millisecond at these rates.
 """
 
 from __future__ import annotations

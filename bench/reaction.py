@@ -5,12 +5,14 @@ measured series (run RUN, seed 0) and a number of resident checkpoints that must
 divisible by 1000 of another run. The watcher keeps them as milestones (--keep-every 1000); the
 alternatives glob only their own run's names, so they list the residents but never match them.
 
-One push writes step s as a dot-named temp file, renames it into place, and waits for the
-deletion of step s-2, seen by this script's own inotify watch (IN_DELETE or IN_MOVED_FROM). Variants and folder
-sizes are interleaved push by push. The in-loop and framework methods run their retention in
-this process right after the rename, as a training loop would. The cron variant also runs its
-pipeline right after the rename, so its figure is the pipeline's cost alone. A real cron job
-adds a wait for its next tick, uniform over the period, so half a period on average.
+One push writes step s as a dot-named temp file, renames it into place, and waits until step
+s-2 leaves its name, seen by this script's own inotify watch. The watcher renames a checkpoint
+to a hidden name just before it unlinks it (IN_MOVED_FROM), and the alternatives unlink it
+(IN_DELETE). Variants and folder sizes are interleaved push by push. The in-loop and
+framework methods run their retention in this process right after the rename, as a training
+loop would. The cron variant also runs its pipeline right after the rename, so its figure is
+the pipeline's cost alone. A real cron job adds a wait for its next tick, uniform over the
+period, so half a period on average.
 """
 
 from __future__ import annotations
@@ -245,8 +247,8 @@ def main(argv=None) -> int:
         "## Reaction time (rename to deletion)",
         "",
         (
-            f"{rounds} pushes per variant, interleaved; detection by inotify IN_DELETE or IN_MOVED_FROM, "
-            f"resolution median {lib.format_ms(resolution['median'])} ms "
+            f"{rounds} pushes per variant, interleaved; detection by inotify IN_DELETE or "
+            f"IN_MOVED_FROM, resolution median {lib.format_ms(resolution['median'])} ms "
             f"(p99 {lib.format_ms(resolution['p99'])} ms)."
         ),
         "",

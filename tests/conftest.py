@@ -147,3 +147,22 @@ def start_watcher(tmp_path: Path):
     yield start
     for watcher in started:
         watcher.kill()
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """An 8 MiB tmpfs mounted under tmp_path; skips the test where mounting is not allowed.
+
+    The unmount is lazy, because a watcher of the test may still hold a file open there.
+    """
+    mount_point = tmp_path / "tmpfs"
+    mount_point.mkdir()
+    command = ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount_point)]
+    try:
+        mounted = subprocess.run(command, check=False, capture_output=True, text=True)
+    except FileNotFoundError:
+        pytest.skip("mount is not installed")
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.strip()}")
+    yield mount_point
+    subprocess.run(["umount", "--lazy", str(mount_point)], check=True)

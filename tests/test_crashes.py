@@ -118,22 +118,6 @@ def test_watcher_trials_catch_overpruning(tmp_path):
 # Saves that fail while the watcher runs
 
 
-@pytest.fixture
-def tmpfs(tmp_path):
-    """An 8 MiB tmpfs mounted under tmp_path; skips the test where mounting is not allowed."""
-    mount_point = tmp_path / "tmpfs"
-    mount_point.mkdir()
-    command = ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount_point)]
-    try:
-        mounted = subprocess.run(command, check=False, capture_output=True, text=True)
-    except FileNotFoundError:
-        pytest.skip("mount is not installed")
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.strip()}")
-    yield mount_point
-    subprocess.run(["umount", "--lazy", str(mount_point)], check=True)
-
-
 def fill_until(path: Path, done, timeout: float = 60.0) -> None:
     """Append 4 KiB blocks to `path` until `done()` returns true, retrying while the disk is full.
 

@@ -417,22 +417,6 @@ def test_save_fails_file_size_limit(base_copy):
     assert_failed_save(result, base_copy, before, "File too large")
 
 
-@pytest.fixture
-def tmpfs(tmp_path):
-    """An 8 MiB tmpfs mounted under tmp_path; skips the test where mounting is not allowed."""
-    mount_point = tmp_path / "tmpfs"
-    mount_point.mkdir()
-    command = ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount_point)]
-    try:
-        mounted = subprocess.run(command, check=False, capture_output=True, text=True)
-    except FileNotFoundError:
-        pytest.skip("mount is not installed")
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.strip()}")
-    yield mount_point
-    subprocess.run(["umount", str(mount_point)], check=True)
-
-
 @pytest.mark.parametrize(
     ("mode", "cause"), [("full", "No space left on device"), ("ro", "Read-only file system")]
 )
