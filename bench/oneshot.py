@@ -129,7 +129,7 @@ def start_up(rounds: int) -> dict[str, dict]:
 def main(argv=None) -> int:
     args = lib.parse_args(__doc__.splitlines()[0], argv)
     count = 1_000 if args.quick else 100_000
-    rounds = 1 if args.quick else 4
+    rounds = 1 if args.quick else 3
     data = lib.small_checkpoint_bytes()
     lib.require_free_disk(args.tmp, count * 8192)
     with lib.bench_folder(args.tmp, "oneshot") as parent:
