@@ -45,14 +45,14 @@ INVALID_REPORT_DELAY = 30.0
 """Seconds an invalid checkpoint must stay unchanged before it is logged as a warning: one that is
 still being written changes all the time and is only logged at DEBUG."""
 MODIFIED_PASS_INTERVAL = 1.0
-"""Least seconds between passes caused only by writes into a file. A large in-place save sends
+"""Minimum seconds between passes caused only by writes into a file. A large in-place save sends
 thousands of modified events, and its end is announced by a closed event anyway."""
 MAX_OBSERVER_RESTARTS = 5
 RESTART_WINDOW = 600.0
 """More than MAX_OBSERVER_RESTARTS within this many seconds ends the daemon with status 1, so the
 service manager restarts it from scratch."""
 FAULT_ENV = "CKPT_WATCHER_TEST_FAULT"
-"""Set to 'handler' to make the event handler raise past its guard once; used by the tests to
+"""Set to 'handler' to make the event handler raise past its guard once. The tests use it to
 prove that a dead observer thread is noticed and replaced."""
 
 EXIT_OK = 0
