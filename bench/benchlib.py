@@ -124,6 +124,9 @@ def table_ms(rows: dict[str, dict], reference: str | None = None) -> str:
         rule += "---|"
     lines = [header, rule]
     for name, summary in rows.items():
+        if not summary.get("n"):
+            lines.append(f"| {name} | 0 | - | - | - | - |" + (" - |" if reference else ""))
+            continue
         line = (
             f"| {name} | {summary['n']} | {format_ms(summary['median'])} | "
             f"{format_ms(summary['p25'])}-{format_ms(summary['p75'])} | "

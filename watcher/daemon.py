@@ -29,6 +29,7 @@ from watcher.mounts import network_filesystem
 from watcher.notify import Notifier
 from watcher.passes import FolderError, Pruner, open_folder
 from watcher.policy import UnsafePlanError
+from watcher.prune import PRUNING_PREFIX
 from watcher.scan import LOCK_NAME
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,16 @@ still being written changes all the time and is only logged at DEBUG."""
 MODIFIED_PASS_INTERVAL = 1.0
 """Minimum seconds between passes caused only by writes into a file. A large in-place save sends
 thousands of modified events, and its end is announced by a closed event anyway."""
+LOCAL_SETTLE_SECONDS = 0.05
+SHARED_SETTLE_SECONDS = 2.0
+"""Minimum age of a file's last change before its verdict is cached. It must exceed one tick of the
+filesystem's timestamps, because a rewrite within one tick at the same size keeps the file's stat.
+Local Linux filesystems stamp with the kernel tick (1 to 10 ms); shared and FUSE filesystems may
+be much coarser."""
+MOVE_PAIRING_DELAY = 0.01
+"""Seconds watchdog's inotify observer keeps the first half of a rename while it waits for the
+second. Its default of 0.5 s also delays every event queued behind it, so deletions lag by up to
+half a second. Both halves of a rename inside one folder arrive in the same read."""
 MAX_OBSERVER_RESTARTS = 5
 RESTART_WINDOW = 600.0
 """More than MAX_OBSERVER_RESTARTS within this many seconds ends the daemon with status 1, so the
@@ -82,11 +93,7 @@ class _EventHandler(FileSystemEventHandler):
             raise RuntimeError(f"fault injected by {FAULT_ENV}")
         try:
             log.debug("event %s %s -> %s", event.event_type, event.src_path, event.dest_path)
-            if self._daemon.is_relevant(event):
-                if event.event_type == "modified":
-                    self._daemon.request_lazy_pass()
-                else:
-                    self._daemon.request_pass()
+            self._daemon.note_event(event)
         except Exception:
             # An exception escaping here would end the observer's dispatch thread silently.
             log.exception("failed to handle event %r; running a full pass instead", event)
@@ -115,14 +122,20 @@ class Daemon:
         self.policy = policy
         self._load_policy = load_policy
         self._notifier = notifier or Notifier()
-        self._pruner = Pruner(policy, invalid_report_delay=INVALID_REPORT_DELAY)
+        self._pruner = Pruner(
+            policy, invalid_report_delay=INVALID_REPORT_DELAY, settle_seconds=LOCAL_SETTLE_SECONDS
+        )
+        _shorten_move_pairing()
         self._wake = threading.Event()
         self._pass_requested = True
-        self._lazy_pass_requested = False
+        self._names: set[str] = set()
+        self._lazy_names: set[str] = set()
+        self._names_lock = threading.Lock()
         self._stop_requested = False
         self._reload_requested = False
         self._watch: _Watch | None = None
         self._last_pass = 0.0
+        self._last_full_pass = 0.0
         self._last_folder_check = 0.0
         self._next_ping = 0.0
         self._waiting_reported = False
@@ -136,9 +149,10 @@ class Daemon:
         self._pass_requested = True
         self._wake.set()
 
-    def request_lazy_pass(self) -> None:
-        """Ask for a pass no sooner than MODIFIED_PASS_INTERVAL after the previous one."""
-        self._lazy_pass_requested = True
+    def request_names(self, names: set[str], lazy: bool) -> None:
+        """Ask for a pass over these names; a lazy one waits MODIFIED_PASS_INTERVAL after the last."""
+        with self._names_lock:
+            (self._lazy_names if lazy else self._names).update(names)
         self._wake.set()
 
     def request_stop(self, signum: int, _frame=None) -> None:
@@ -152,27 +166,44 @@ class Daemon:
         self._reload_requested = True
         self._wake.set()
 
-    def is_relevant(self, event: FileSystemEvent) -> bool:
-        """Return whether an event can change what a pass decides."""
+    def note_event(self, event: FileSystemEvent) -> None:
+        """Ask for the pass an event calls for: over its names, over the folder, or none."""
         kind = event.event_type
         if kind in ("opened", "closed_no_write"):
-            return False
+            return
         watch = self._watch
+        if watch is None:
+            return
         if event.is_directory:
-            return watch is not None and event.src_path == watch.path
-        names = [os.path.basename(event.src_path)]
-        if event.dest_path:
-            names.append(os.path.basename(event.dest_path))
-        if LOCK_NAME in names:
+            # Each change inside the folder also reports the folder itself as modified, which adds
+            # nothing. Only the folder deleted or moved calls for the folder checks.
+            if kind in ("deleted", "moved") and watch.path in (event.src_path, event.dest_path):
+                self.request_pass()
+            return
+        names = set()
+        for path in (event.src_path, event.dest_path):
+            if not path:
+                continue
+            folder, name = os.path.split(path)
+            if folder != watch.path:
+                # Not an event on a name in the folder: look at the whole folder.
+                self.request_pass()
+                return
+            if self._name_matters(kind, path, name):
+                names.add(name)
+        if names:
+            self.request_names(names, lazy=kind == "modified")
+
+    def _name_matters(self, kind: str, path: str, name: str) -> bool:
+        """Return whether a name can change what a pass decides."""
+        if name == LOCK_NAME or name.startswith(PRUNING_PREFIX):
             return False
-        if any(self._pruner.matcher.match(name) for name in names):
+        if self._pruner.matcher.match(name):
             return True
         # A link that appears or goes changes which checkpoints are protected.
-        if kind == "deleted":
+        if name in self._pruner.link_names:
             return True
-        if kind in ("created", "moved"):
-            return os.path.islink(event.dest_path or event.src_path)
-        return False
+        return kind in ("created", "moved") and os.path.islink(path)
 
     def run(self) -> int:
         """Watch until SIGTERM or SIGINT and return the exit status."""
@@ -217,8 +248,10 @@ class Daemon:
 
             if self._watch is not None and self._pass_due():
                 self._pass_requested = False
-                self._lazy_pass_requested = False
+                self._take_names(everything=True)
                 self._run_pass()
+            elif self._watch is not None and self._names_due():
+                self._run_pass(self._take_names(everything=self._lazy_due()))
             self._ping_watchdog()
             self._wake.wait(self._sleep_time())
             self._wake.clear()
@@ -294,16 +327,18 @@ class Daemon:
 
     def _start_observer(self, path: str) -> tuple[BaseObserver, str]:
         polling = self.policy.polling
-        if polling is None:
-            fstype = network_filesystem(path)
-            if fstype is not None:
-                log.info(
-                    "%s is on a %s filesystem, where inotify misses writes made by other "
-                    "hosts: using the polling observer",
-                    path,
-                    fstype,
-                )
-                polling = True
+        fstype = network_filesystem(path)
+        self._pruner.set_settle_seconds(
+            SHARED_SETTLE_SECONDS if fstype is not None else LOCAL_SETTLE_SECONDS
+        )
+        if polling is None and fstype is not None:
+            log.info(
+                "%s is on a %s filesystem, where inotify misses writes made by other "
+                "hosts: using the polling observer",
+                path,
+                fstype,
+            )
+            polling = True
         if not polling:
             try:
                 return self._schedule(Observer(), path), "inotify"
@@ -364,15 +399,35 @@ class Daemon:
     # Passes, reloads and service notices
 
     def _pass_due(self) -> bool:
-        since_last = time.monotonic() - self._last_pass
-        if self._lazy_pass_requested and since_last >= MODIFIED_PASS_INTERVAL:
-            return True
-        return self._pass_requested or since_last >= self.policy.rescan_interval
+        """Return whether a pass over the whole folder is due."""
+        since_full = time.monotonic() - self._last_full_pass
+        return self._pass_requested or since_full >= self.policy.rescan_interval
 
-    def _run_pass(self) -> None:
+    def _lazy_due(self) -> bool:
+        return time.monotonic() - self._last_pass >= MODIFIED_PASS_INTERVAL
+
+    def _names_due(self) -> bool:
+        return bool(self._names) or (bool(self._lazy_names) and self._lazy_due())
+
+    def _take_names(self, everything: bool) -> set[str]:
+        """Take the names waiting for a pass, and with `everything` the lazy ones too."""
+        with self._names_lock:
+            names, self._names = self._names, set()
+            if everything:
+                names |= self._lazy_names
+                self._lazy_names = set()
+        return names
+
+    def _run_pass(self, names: set[str] | None = None) -> None:
+        """Run a pass over the whole folder, or over `names` only."""
         self._last_pass = time.monotonic()
+        if names is None:
+            self._last_full_pass = self._last_pass
         try:
-            summary = self._pruner.run(self._watch.dir_fd)
+            if names is None:
+                summary = self._pruner.run(self._watch.dir_fd)
+            else:
+                summary = self._pruner.run_changed(self._watch.dir_fd, names)
         except UnsafePlanError as error:
             log.error("%s", error)
             return
@@ -389,6 +444,8 @@ class Daemon:
             log.exception(
                 "pass failed on %s; retrying after the next event or check", self._watch.path
             )
+            return
+        if summary is None:
             return
         log.info("%s", summary.describe())
         if self._ready_sent:
@@ -424,12 +481,22 @@ class Daemon:
         now = time.monotonic()
         deadlines = [FOLDER_CHECK_INTERVAL if self._watch is not None else WAIT_INTERVAL]
         if self._watch is not None:
-            deadlines.append(self._last_pass + self.policy.rescan_interval - now)
-            if self._lazy_pass_requested:
+            deadlines.append(self._last_full_pass + self.policy.rescan_interval - now)
+            if self._lazy_names:
                 deadlines.append(self._last_pass + MODIFIED_PASS_INTERVAL - now)
         if self._notifier.watchdog_interval is not None:
             deadlines.append(self._next_ping - now)
         return max(0.0, min(deadlines))
+
+
+def _shorten_move_pairing() -> None:
+    """Shorten the time watchdog waits for the second half of a rename (MOVE_PAIRING_DELAY)."""
+    try:
+        from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper
+    except ImportError:  # not on Linux, or a watchdog without the grouper
+        return
+    if isinstance(getattr(InotifyMoveEventGrouper, "delay", None), (int, float)):
+        InotifyMoveEventGrouper.delay = MOVE_PAIRING_DELAY
 
 
 def _stop_observer(observer: BaseObserver) -> None:

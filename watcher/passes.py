@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -11,9 +12,15 @@ from dataclasses import dataclass
 
 from watcher.config import Policy
 from watcher.policy import plan_retention
-from watcher.prune import PRUNING_PREFIX, describe_decision, execute_plan, restore_interrupted
-from watcher.scan import Entry, Kind, NameMatcher, scan_folder
-from watcher.validity import ValidityCache, stat_key
+from watcher.prune import (
+    PRUNING_PREFIX,
+    describe_decision,
+    execute_plan,
+    restore_interrupted,
+    same_file_version,
+)
+from watcher.scan import LOCK_NAME, Entry, Kind, NameMatcher, lookup, resolve_links, scan_folder
+from watcher.validity import ValidityCache, Verdict, stat_key
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +58,17 @@ class PassSummary:
     failed: int
     seconds: float
     dry_run: bool
+    names: int | None = None
+    """How many names a pass over changed names looked at; None for a pass over the folder."""
 
     def describe(self) -> str:
         verb = "would prune" if self.dry_run else "pruned"
         freed = "would free" if self.dry_run else "freed"
+        scope = ""
+        if self.names is not None:
+            scope = f" (over {self.names} changed name{'' if self.names == 1 else 's'})"
         text = (
-            f"pass done in {self.seconds * 1000:.1f} ms: {self.checkpoints} checkpoints, "
+            f"pass done in {self.seconds * 1000:.1f} ms{scope}: {self.checkpoints} checkpoints, "
             f"{self.kept} kept, {verb} {self.pruned}, {freed} {format_bytes(self.bytes_freed)}"
         )
         if self.invalid:
@@ -67,6 +79,8 @@ class PassSummary:
             text += f", {self.failed} failed to delete"
         return text
 
+
+_CHECKED_BEFORE_DELETION = Verdict(True, "not checked yet: checked just before its deletion")
 
 LINK_GRACE = 60.0
 """Seconds a checkpoint stays protected after the last symlink to it disappears. Tools that refresh
@@ -81,6 +95,10 @@ class Pruner:
     each series. In the first pass nothing counts as an arrival, so a single pass (--once) follows
     the step order alone. `invalid_report_delay` is how long an invalid file must stay unchanged
     before it is reported as a warning; 0 reports it at once, as a one-shot run wants.
+
+    run() lists the whole folder. run_changed() looks only at the names that events reported and
+    plans only their series again, from the folder as the last pass left it; it falls back to run()
+    when there is no such pass or a symlink is involved.
     """
 
     def __init__(
@@ -88,11 +106,13 @@ class Pruner:
         policy: Policy,
         report: Callable[[str], None] | None = None,
         invalid_report_delay: float = 0.0,
+        settle_seconds: float = 1.0,
     ) -> None:
         self.policy = policy
         self.report = report or (lambda message: log.info("%s", message))
         self.matcher = NameMatcher(policy.pattern)
-        self.cache = ValidityCache()
+        self.cache = ValidityCache(settle_seconds=settle_seconds)
+        self._settle_seconds = settle_seconds
         self.invalid_report_delay = invalid_report_delay
         self._passes = 0
         self._links: dict[tuple[int, int], tuple[tuple[str, ...], float]] = {}
@@ -101,6 +121,23 @@ class Pruner:
         self._invalid_since: dict[str, tuple[tuple, float, bool]] = {}
         self._reported: set[tuple] = set()
         self._warned_no_match = False
+        self._folder: _FolderModel | None = None
+
+    @property
+    def link_names(self) -> frozenset[str]:
+        """Names of the symlinks seen by the last pass."""
+        folder = self._folder
+        return folder.link_names if folder is not None else frozenset()
+
+    def set_settle_seconds(self, seconds: float) -> None:
+        """Use a new settle time for cached verdicts (see ValidityCache), dropping the cache."""
+        if seconds != self._settle_seconds:
+            self.cache = ValidityCache(settle_seconds=seconds)
+            self._settle_seconds = seconds
+
+    def forget_folder(self) -> None:
+        """Make the next run_changed() list the whole folder, as after a failed pass."""
+        self._folder = None
 
     def replace_policy(self, policy: Policy) -> None:
         """Apply a reloaded policy, keeping what earlier passes saw unless the pattern changed."""
@@ -108,9 +145,11 @@ class Pruner:
             self.matcher = NameMatcher(policy.pattern)
             self._valid_seen.clear()
             self._arrivals.clear()
+            self._folder = None
         self.policy = policy
 
     def run(self, dir_fd: int) -> PassSummary:
+        self._folder = None
         started = time.monotonic()
         listing = scan_folder(dir_fd, self.matcher)
         hidden = [e.name for e in listing.entries if e.name.startswith(PRUNING_PREFIX)]
@@ -118,35 +157,201 @@ class Pruner:
             restore_interrupted(dir_fd, hidden)
             listing = scan_folder(dir_fd, self.matcher)
         checkpoints = listing.checkpoints
-        verdicts = {
-            entry.name: self.cache.check(dir_fd, entry.name, entry.stat) for entry in checkpoints
-        }
+        link_targets = self._remember_links(listing.link_targets, started)
+        if self._passes == 0:
+            verdicts, deferred = self._first_verdicts(dir_fd, checkpoints, link_targets)
+        else:
+            verdicts = {e.name: self.cache.check(dir_fd, e.name, e.stat) for e in checkpoints}
+            deferred = set()
         self.cache.forget_missing({stat_key(entry.stat) for entry in checkpoints})
-        self._report_invalid(checkpoints, verdicts, started)
         if not checkpoints:
             self._warn_no_match(listing)
         arrivals = self._track_arrivals(checkpoints, verdicts)
-        link_targets = self._remember_links(listing.link_targets, started)
         self._passes += 1
-
+        links = frozenset(e.name for e in listing.entries if e.kind is Kind.LINK)
+        folder = _FolderModel(checkpoints, verdicts, links)
         plan = plan_retention(checkpoints, verdicts, link_targets, self.policy, arrivals)
+
+        def confirm(decision) -> bool:
+            """Check a deferred file just before its deletion; an invalid one is kept."""
+            entry = decision.entry
+            if entry.name not in deferred:
+                return True
+            verdict = self.cache.check(dir_fd, entry.name, entry.stat)
+            if not verdict.valid and not _unchanged_since_scan(dir_fd, entry):
+                return True  # gone or replaced: the deletion finds it out and reports it
+            verdicts[entry.name] = folder.verdicts[entry.name] = verdict
+            if not verdict.valid:
+                self._valid_seen.discard((entry.name, entry.stat.st_ino))
+            return verdict.valid
+
+        summary = self._carry_out(plan, dir_fd, folder, started, partial=False, confirm=confirm)
+        self._report_invalid(checkpoints, verdicts, started)
+        self._folder = folder
+        return dataclasses.replace(summary, invalid=len(self._invalid_since))
+
+    def _first_verdicts(
+        self, dir_fd: int, checkpoints: list[Entry], link_targets
+    ) -> tuple[dict[str, Verdict], set[str]]:
+        """Check the files that decide what the plan keeps, and defer the others.
+
+        In each series, from the highest step down, every file is checked until `keep_last`
+        valid ones that are not milestones are found. Below those, milestones and link targets
+        are checked too, since they stay. The rest would be pruned if valid: they get a
+        provisional valid verdict and their real check runs just before their deletion, so that
+        checking overlaps the deletions of a large first pass. No arrivals exist in a first
+        pass, so nothing else depends on those verdicts.
+        """
+        series: dict[str, list[Entry]] = {}
+        for entry in checkpoints:
+            series.setdefault(entry.series, []).append(entry)
+        verdicts: dict[str, Verdict] = {}
+        deferred: set[str] = set()
+        for entries in series.values():
+            entries.sort(key=lambda e: (e.step, e.name), reverse=True)
+            newest = 0
+            for entry in entries:
+                milestone = self.policy.is_milestone(entry.step)
+                if newest >= self.policy.keep_last and not (
+                    milestone or entry.identity in link_targets
+                ):
+                    verdicts[entry.name] = _CHECKED_BEFORE_DELETION
+                    deferred.add(entry.name)
+                    continue
+                verdict = self.cache.check(dir_fd, entry.name, entry.stat)
+                verdicts[entry.name] = verdict
+                if verdict.valid and not milestone:
+                    newest += 1
+        return verdicts, deferred
+
+    def run_changed(self, dir_fd: int, names: set[str]) -> PassSummary | None:
+        """Bring the named files up to date and plan their series again.
+
+        Return None when none of the names changed anything. A symlink among the names, or no
+        earlier pass to start from, makes this a full pass.
+        """
+        folder, self._folder = self._folder, None
+        if folder is None:
+            return self.run(dir_fd)
+        started = time.monotonic()
+        changed: list[Entry] = []
+        removed: set[tuple[str, int]] = set()
+        series: set[str] = set()
+        for name in sorted(names):
+            if name.startswith(PRUNING_PREFIX) or name == LOCK_NAME:
+                continue
+            entry = lookup(dir_fd, name, self.matcher)
+            if name in folder.link_names or (entry is not None and entry.kind is Kind.LINK):
+                return self.run(dir_fd)
+            old = folder.entries.get(name)
+            if entry is not None and entry.kind is not Kind.CHECKPOINT:
+                entry = None
+            verdict = None if entry is None else self.cache.check(dir_fd, name, entry.stat)
+            if (
+                old is not None
+                and entry is not None
+                and stat_key(old.stat) == stat_key(entry.stat)
+                and verdict == folder.verdicts[name]
+            ):
+                continue
+            if old is not None:
+                folder.remove(old)
+                removed.add((old.name, old.stat.st_ino))
+                series.add(old.series)
+            if entry is not None:
+                folder.add(entry, verdict)
+                changed.append(entry)
+                series.add(entry.series)
+        if not series:
+            self._folder = folder
+            return None
+
+        names_changed = {entry.name for entry in changed}
+        tracked = [
+            folder.entries[name]
+            for name in self._invalid_since
+            if name in folder.entries and name not in names_changed
+        ]
+        self._report_invalid(changed + tracked, folder.verdicts, started)
+        arrivals = self._note_arrivals(folder, changed, removed)
+        targets = resolve_links(dir_fd, sorted(folder.link_names)) if folder.link_names else {}
+        link_targets = self._remember_links(targets, started)
+        self._passes += 1
+        entries = [entry for key in sorted(series) for entry in folder.series_entries(key)]
+        plan = plan_retention(entries, folder.verdicts, link_targets, self.policy, arrivals)
+        summary = self._carry_out(plan, dir_fd, folder, started, partial=True)
+        self._folder = folder
+        return dataclasses.replace(summary, names=len(names))
+
+    def _carry_out(
+        self,
+        plan,
+        dir_fd: int,
+        folder: _FolderModel,
+        started: float,
+        partial: bool,
+        confirm: Callable | None = None,
+    ) -> PassSummary:
+        """Log the plan, delete what it prunes, update the folder model and summarise."""
         for decision in plan.kept:
             log.debug(
                 "keep %r (step %s): %s", decision.entry.name, decision.entry.step, decision.reason
             )
-        result = execute_plan(plan, dir_fd, self.policy.dry_run)
-        self._report_outcome(plan, result)
+        total = len(folder.entries)
+        result = execute_plan(plan, dir_fd, self.policy.dry_run, confirm)
+        for name in result.gone:
+            entry = folder.entries.get(name)
+            if entry is not None:
+                folder.remove(entry)
+                # The inode may be reused by a later file of the same name.
+                self._valid_seen.discard((name, entry.stat.st_ino))
+        self._report_outcome(plan, result, partial)
         return PassSummary(
-            checkpoints=len(checkpoints),
-            kept=len(plan.kept),
+            checkpoints=total,
+            kept=total - len(plan.pruned) + len(result.not_confirmed),
             pruned=result.pruned,
             bytes_freed=result.bytes_freed,
-            invalid=sum(1 for verdict in verdicts.values() if not verdict.valid),
+            invalid=len(self._invalid_since),
             skipped=result.skipped,
             failed=result.failed,
             seconds=time.monotonic() - started,
             dry_run=self.policy.dry_run,
         )
+
+    def _note_arrivals(
+        self, folder: _FolderModel, changed: list[Entry], removed: set[tuple[str, int]]
+    ) -> set[str]:
+        """Record the newest valid newcomer of each series among `changed`, as run() does.
+
+        `removed` contains the (name, inode) keys of the entries that `changed` replaced or that
+        went away; what the previous pass saw valid is updated only after the comparison.
+        """
+        newcomers: dict[str, Entry] = {}
+        valid_now = set()
+        for entry in changed:
+            key = (entry.name, entry.stat.st_ino)
+            if not folder.verdicts[entry.name].valid:
+                continue
+            valid_now.add(key)
+            if key in self._valid_seen:
+                continue
+            best = newcomers.get(entry.series)
+            if best is None or entry.step > best.step:
+                newcomers[entry.series] = entry
+        for series, entry in newcomers.items():
+            self._arrivals[series] = (self._passes, entry.step, entry.name)
+            highest = max(
+                e.step for e in folder.series_entries(series) if folder.verdicts[e.name].valid
+            )
+            if entry.step < highest:
+                _warn_rollback(entry, highest)
+        self._valid_seen = (self._valid_seen - removed) | valid_now
+        self._arrivals = {
+            series: arrival
+            for series, arrival in self._arrivals.items()
+            if arrival[2] in folder.entries and folder.verdicts[arrival[2]].valid
+        }
+        return {name for _, _, name in self._arrivals.values()}
 
     def _track_arrivals(self, checkpoints: list[Entry], verdicts) -> set[str]:
         """Return the newest valid arrival of each series since the first pass.
@@ -170,14 +375,7 @@ class Pruner:
             for series, entry in newcomers.items():
                 self._arrivals[series] = (self._passes, entry.step, entry.name)
                 if entry.step < highest[series]:
-                    log.warning(
-                        "%r (step %d) arrived after step %d of its series %r: the run was "
-                        "restarted or rolled back, so it is kept although higher steps exist",
-                        entry.name,
-                        entry.step,
-                        highest[series],
-                        series,
-                    )
+                    _warn_rollback(entry, highest[series])
         self._valid_seen = set(valid)
         present = {entry.name for entry in valid.values()}
         self._arrivals = {s: a for s, a in self._arrivals.items() if a[2] in present}
@@ -199,7 +397,8 @@ class Pruner:
         """Log an invalid file once it has stayed unchanged for invalid_report_delay seconds.
 
         A file that is still being written changes between passes, so it is only logged at
-        DEBUG and does not flood the log.
+        DEBUG and does not flood the log. `checkpoints` must hold every invalid file still
+        tracked, so that the ones not listed are dropped.
         """
         tracked = {}
         for entry in checkpoints:
@@ -236,11 +435,17 @@ class Pruner:
             ", ".join(repr(name) for name in sorted(others)[:3]),
         )
 
-    def _report_outcome(self, plan, result) -> None:
-        """Report would-prune files and failed deletions, each once per version of the file."""
-        reported = set()
+    def _report_outcome(self, plan, result, partial: bool) -> None:
+        """Report would-prune files and failed deletions, each once per version of the file.
+
+        A partial plan covers some series only, so what was reported for the others is kept.
+        """
+        reported = set(self._reported) if partial else set()
         if self.policy.dry_run:
+            kept = set(result.not_confirmed)
             for decision in plan.pruned:
+                if decision.entry.name in kept:
+                    continue
                 key = ("would prune", stat_key(decision.entry.stat))
                 reported.add(key)
                 if key not in self._reported:
@@ -251,6 +456,53 @@ class Pruner:
             level = logging.DEBUG if key in self._reported else logging.WARNING
             log.log(level, "failed to prune %r: %s; the pass goes on", decision.entry.name, error)
         self._reported = reported
+
+
+def _unchanged_since_scan(dir_fd: int, entry: Entry) -> bool:
+    try:
+        now = os.stat(entry.name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return same_file_version(entry.stat, now)
+
+
+def _warn_rollback(entry: Entry, highest: int) -> None:
+    log.warning(
+        "%r (step %d) arrived after step %d of its series %r: the run was "
+        "restarted or rolled back, so it is kept although higher steps exist",
+        entry.name,
+        entry.step,
+        highest,
+        entry.series,
+    )
+
+
+class _FolderModel:
+    """The checkpoints of the folder as the last pass left them, indexed by name and series."""
+
+    def __init__(self, checkpoints: list[Entry], verdicts: dict, link_names: frozenset[str]):
+        self.entries: dict[str, Entry] = {}
+        self.verdicts: dict[str, Verdict] = {}
+        self.link_names = link_names
+        self._series: dict[str, dict[str, Entry]] = {}
+        for entry in checkpoints:
+            self.add(entry, verdicts[entry.name])
+
+    def add(self, entry: Entry, verdict: Verdict) -> None:
+        self.entries[entry.name] = entry
+        self.verdicts[entry.name] = verdict
+        self._series.setdefault(entry.series, {})[entry.name] = entry
+
+    def remove(self, entry: Entry) -> None:
+        del self.entries[entry.name]
+        del self.verdicts[entry.name]
+        members = self._series[entry.series]
+        del members[entry.name]
+        if not members:
+            del self._series[entry.series]
+
+    def series_entries(self, series: str) -> list[Entry]:
+        return list(self._series.get(series, {}).values())
 
 
 def format_bytes(count: int) -> str:

@@ -6,6 +6,9 @@ import errno
 import logging
 import os
 import stat
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from watcher.policy import Decision, Plan
@@ -25,26 +28,59 @@ class PruneResult:
     """Files left in place because they changed or vanished since the scan."""
     failures: list[tuple[Decision, str]] = field(default_factory=list)
     """Deletions that failed, with the error, for the caller to report."""
+    gone: list[str] = field(default_factory=list)
+    """Names deleted by this plan, or found gone already."""
+    not_confirmed: list[str] = field(default_factory=list)
+    """Names the plan prunes that the confirm callback kept, because the file is invalid."""
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def failed(self) -> int:
         return len(self.failures)
 
 
-def execute_plan(plan: Plan, dir_fd: int, dry_run: bool) -> PruneResult:
+PARALLEL_DELETIONS = 256
+"""A plan that deletes at least this many files deletes them from DELETE_THREADS threads. Deleting
+is almost all system calls, which run outside the interpreter lock, so the threads overlap each
+other and the validity checks of the files still to come."""
+DELETE_THREADS = 4
+
+
+def execute_plan(
+    plan: Plan,
+    dir_fd: int,
+    dry_run: bool,
+    confirm: Callable[[Decision], bool] | None = None,
+) -> PruneResult:
     """Delete each file the plan prunes, logging the file, its step, series, reason and size.
 
     A file that is gone already is skipped quietly, one that changed since the scan is left for the
     next pass, and a failed deletion is recorded in the result and the rest of the plan still runs.
-    A dry run deletes nothing and only counts what would go.
+    A dry run deletes nothing and only counts what would go. `confirm`, when given, is called for
+    each file just before its deletion, and a file it returns False for is kept.
     """
     result = PruneResult()
-    for decision in plan.pruned:
-        if dry_run:
-            result.pruned += 1
-            result.bytes_freed += decision.entry.stat.st_size
-            continue
-        _prune_one(decision, dir_fd, result)
+    pruned = plan.pruned
+    pool = None
+    if not dry_run and len(pruned) >= PARALLEL_DELETIONS:
+        pool = ThreadPoolExecutor(DELETE_THREADS, thread_name_prefix="ckpt-watcher-delete")
+    futures = []
+    try:
+        for decision in pruned:
+            if confirm is not None and not confirm(decision):
+                result.not_confirmed.append(decision.entry.name)
+            elif dry_run:
+                result.pruned += 1
+                result.bytes_freed += decision.entry.stat.st_size
+            elif pool is not None:
+                futures.append(pool.submit(_prune_one, decision, dir_fd, result))
+            else:
+                _prune_one(decision, dir_fd, result)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
+    for future in futures:
+        future.result()  # an unexpected exception in a deletion thread surfaces here
     return result
 
 
@@ -62,28 +98,35 @@ def _prune_one(decision: Decision, dir_fd: int, result: PruneResult) -> None:
         os.rename(entry.name, hidden, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except FileNotFoundError:
         log.info("already gone, nothing to prune: %r", entry.name)
-        result.skipped += 1
+        with result.lock:
+            result.skipped += 1
+            result.gone.append(entry.name)
         return
     except OSError as error:
-        result.failures.append((decision, _deletion_error(error)))
+        with result.lock:
+            result.failures.append((decision, _deletion_error(error)))
         return
 
     try:
         current = os.stat(hidden, dir_fd=dir_fd, follow_symlinks=False)
-        if not _unchanged(entry.stat, current):
+        if not same_file_version(entry.stat, current):
             # A link swapped in or a new save since the scan: the plan does not apply to it.
             _restore(hidden, entry.name, dir_fd)
             log.warning("%r changed since the scan, left in place for the next pass", entry.name)
-            result.skipped += 1
+            with result.lock:
+                result.skipped += 1
             return
         os.unlink(hidden, dir_fd=dir_fd)
     except OSError as error:
         _restore(hidden, entry.name, dir_fd)
-        result.failures.append((decision, _deletion_error(error)))
+        with result.lock:
+            result.failures.append((decision, _deletion_error(error)))
         return
     log.info("pruned %s", describe_decision(decision))
-    result.pruned += 1
-    result.bytes_freed += entry.stat.st_size
+    with result.lock:
+        result.gone.append(entry.name)
+        result.pruned += 1
+        result.bytes_freed += entry.stat.st_size
 
 
 def _restore(hidden: str, name: str, dir_fd: int) -> None:
@@ -135,7 +178,8 @@ def _deletion_error(error: OSError) -> str:
     return text
 
 
-def _unchanged(before: os.stat_result, now: os.stat_result) -> bool:
+def same_file_version(before: os.stat_result, now: os.stat_result) -> bool:
+    """Return whether `now` is the regular file `before` describes, unchanged in size and mtime."""
     return (
         stat.S_ISREG(now.st_mode)
         and (now.st_dev, now.st_ino) == (before.st_dev, before.st_ino)

@@ -81,7 +81,7 @@ def scan_folder(dir_fd: int, matcher: NameMatcher) -> Listing:
                 entries.append(entry)
                 if entry.kind is Kind.LINK:
                     link_names.append(entry.name)
-    return Listing(tuple(entries), _resolve_links(dir_fd, link_names))
+    return Listing(tuple(entries), resolve_links(dir_fd, link_names))
 
 
 def _classify(item: os.DirEntry, matcher: NameMatcher) -> Entry | None:
@@ -90,21 +90,42 @@ def _classify(item: os.DirEntry, matcher: NameMatcher) -> Entry | None:
     except FileNotFoundError:
         return None  # removed between listing and stat
     except PermissionError as error:
-        raise PermissionError(
-            error.errno,
-            f"cannot look up {item.name!r}: {error.strerror}; the watcher needs read and "
-            "execute (search) permission on the folder",
-        ) from None
+        raise _lookup_error(item.name, error) from None
+    return classify(item.name, info, matcher)
+
+
+def lookup(dir_fd: int, name: str, matcher: NameMatcher) -> Entry | None:
+    """Classify one name of the folder open at dir_fd; None if the name does not exist."""
+    try:
+        info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    except PermissionError as error:
+        raise _lookup_error(name, error) from None
+    return classify(name, info, matcher)
+
+
+def classify(name: str, info: os.stat_result, matcher: NameMatcher) -> Entry:
+    """Classify a name from its own lstat result."""
     if stat.S_ISLNK(info.st_mode):
-        return Entry(item.name, Kind.LINK, stat=info)
-    found = matcher.match(item.name) if item.name != LOCK_NAME else None
+        return Entry(name, Kind.LINK, stat=info)
+    found = matcher.match(name) if name != LOCK_NAME else None
     if found is None or not stat.S_ISREG(info.st_mode):
-        return Entry(item.name, Kind.OTHER, stat=info)
+        return Entry(name, Kind.OTHER, stat=info)
     step, series = found
-    return Entry(item.name, Kind.CHECKPOINT, step=step, series=series, stat=info)
+    return Entry(name, Kind.CHECKPOINT, step=step, series=series, stat=info)
 
 
-def _resolve_links(dir_fd: int, link_names: list[str]) -> dict[tuple[int, int], tuple[str, ...]]:
+def _lookup_error(name: str, error: PermissionError) -> PermissionError:
+    return PermissionError(
+        error.errno,
+        f"cannot look up {name!r}: {error.strerror}; the watcher needs read and "
+        "execute (search) permission on the folder",
+    )
+
+
+def resolve_links(dir_fd: int, link_names: list[str]) -> dict[tuple[int, int], tuple[str, ...]]:
+    """Return the identity of the file each link resolves to, with the names of its links."""
     targets: dict[tuple[int, int], tuple[str, ...]] = {}
     for name in link_names:
         try:

@@ -1,0 +1,71 @@
+"""A first pass over a large folder: old files are checked just before their deletion, and the
+deletions run from several threads. The outcome must be the one the rules give."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+from conftest import Samples, run_watcher, write_file
+
+from watcher.prune import PARALLEL_DELETIONS
+
+COUNT = 700
+INVALID_EVERY = 7
+MILESTONE_EVERY = 100
+LINKED = 50
+
+
+def ck(step: int) -> str:
+    return f"model_v2_step{step}_20250101_000000_s1.pt"
+
+
+def build(folder: Path, samples: Samples) -> set[str]:
+    """Fill the folder and return the names the rules keep (keep_last 2)."""
+    for step in range(1, COUNT + 1):
+        data = samples.truncated if step % INVALID_EVERY == 0 else samples.valid
+        write_file(folder / ck(step), data)
+    write_file(folder / ck(COUNT + 1), samples.truncated)  # newest of all, and invalid
+    (folder / "best.pt").symlink_to(ck(LINKED))
+    invalid = {ck(s) for s in range(1, COUNT + 2) if s % INVALID_EVERY == 0 or s == COUNT + 1}
+    milestones = {ck(s) for s in range(MILESTONE_EVERY, COUNT + 1, MILESTONE_EVERY)}
+    newest = [s for s in range(COUNT, 0, -1) if s % INVALID_EVERY and s % MILESTONE_EVERY][:2]
+    return invalid | milestones | {ck(s) for s in newest} | {ck(LINKED), "best.pt"}
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    path = tmp_path / "ckpts"
+    path.mkdir()
+    return path
+
+
+def test_large_first_pass_keeps_what_the_rules_keep(folder: Path, samples: Samples) -> None:
+    expected = build(folder, samples)
+    pruned = COUNT + 1 + 1 - len(expected)
+    assert pruned >= PARALLEL_DELETIONS, "the folder is too small to use the deletion threads"
+
+    result = run_watcher(str(folder), "--once", "--keep-every", str(MILESTONE_EVERY))
+
+    assert result.returncode == 0, result.stderr
+    assert set(os.listdir(folder)) - {".ckpt-watcher.lock"} == expected
+    assert f"pruned {pruned}," in result.stderr
+    invalid = COUNT // INVALID_EVERY + 1
+    assert f"{invalid} invalid kept" in result.stderr
+    assert result.stderr.count("pruned 'model_v2_step") == pruned
+
+
+def test_large_dry_run_reports_only_valid_files(folder: Path, samples: Samples) -> None:
+    expected = build(folder, samples)
+    before = set(os.listdir(folder))
+
+    result = run_watcher(str(folder), "--once", "--dry-run", "--keep-every", str(MILESTONE_EVERY))
+
+    assert result.returncode == 0, result.stderr
+    assert set(os.listdir(folder)) - {".ckpt-watcher.lock"} == before
+    would = set(re.findall(r"would prune '([^']+)'", result.stdout))
+    assert would == before - expected
+    invalid_steps = [s for s in range(1, COUNT + 2) if s % INVALID_EVERY == 0]
+    assert not would & {ck(s) for s in invalid_steps}
