@@ -161,7 +161,8 @@ def test_one_log_line_per_save(base_run):
     lines = [line for line in result.stderr.splitlines() if "saved checkpoint" in line]
     assert len(lines) == 3
     for line, (step, path) in zip(lines, sorted(checkpoint_steps(log_dir).items())):
-        assert re.search(rf"INFO .*{re.escape(str(path))} at step {step} in [0-9.]+ s$", line)
+        timings = r"in [0-9.]+ s \(training blocked for [0-9.]+ s\)$"
+        assert re.search(rf"INFO .*{re.escape(str(path))} at step {step} {timings}", line)
 
 
 def test_no_temp_files_after_run(base_run):

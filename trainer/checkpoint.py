@@ -1,4 +1,4 @@
-"""Checkpoint files: names, atomic saves and validated loads.
+"""Checkpoint files: names, temp files and validated loads. trainer/saving.py writes them.
 
 A checkpoint is `<log_dir>/checkpoints/model_v2_step{step}_{run}_s{seed}.pt`, where `run` is
 the local start time of the run as YYYYmmdd_HHMMSS. The file is a `torch.save` archive of a
@@ -18,9 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-import time
 from dataclasses import dataclass
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -149,68 +147,6 @@ def make_folder(folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise CheckpointSaveError(folder, error, action="create checkpoint folder") from error
-
-
-def save_atomic(payload: dict[str, Any], path: Path) -> float:
-    """Write `payload` to `path` atomically and return the time taken in seconds.
-
-    The archive is serialized in memory, written to `temp_path(path)`, fsynced and closed, then
-    renamed onto `path` with os.replace, and the folder is fsynced so that the rename survives
-    a power loss. Readers see either the old state or the complete new file, never a part.
-
-    If a write fails (disk full, file size limit, permission denied, read-only file system), the
-    temp file is removed and CheckpointSaveError is raised. Earlier checkpoints are never
-    touched. A failed save is not retried because the condition rarely clears by itself; the
-    caller stops the run instead of training on without checkpoints.
-
-    NOTE: the whole archive sits in memory while it is written. That is cheap for the small
-    models this trainer builds, and it lets a failed write raise the plain OSError instead of
-    the less clear RuntimeError that torch.save raises when its file write fails.
-    """
-    started = time.monotonic()
-    buffer = BytesIO()
-    torch.save(payload, buffer)
-    temp = temp_path(path)
-    try:
-        _write_synced(temp, buffer.getbuffer())
-        os.replace(temp, path)
-    except OSError as error:
-        _remove_if_present(temp)
-        raise CheckpointSaveError(path, error) from error
-    try:
-        _sync_folder(path.parent)
-    except OSError as error:
-        raise CheckpointSaveError(path.parent, error, action="fsync checkpoint folder") from error
-    return time.monotonic() - started
-
-
-def _write_synced(path: Path, data: memoryview) -> None:
-    # os.write on a raw descriptor has no user-space buffer, so no flush is needed before fsync.
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        while data:
-            written = os.write(descriptor, data)
-            data = data[written:]
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def _remove_if_present(path: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
-    except OSError as error:
-        logger.error("cannot remove temp file %s: %s; delete it by hand", path, error)
-
-
-def _sync_folder(folder: Path) -> None:
-    descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def load_checkpoint(file: CheckpointFile) -> dict[str, Any]:

@@ -50,9 +50,11 @@ resume:
   with a warning.
 
 signals:
-  SIGTERM and SIGINT finish the current step, save a checkpoint and stop.
-  Saves are atomic: a temp file is written, fsynced and renamed, so a checkpoint
-  name never contains a partial file. The trainer never deletes checkpoints.
+  SIGTERM and SIGINT finish the current step, save a checkpoint, wait until it
+  is on disk and stop. Saves are atomic: a temp file is written, fsynced and
+  renamed, so a checkpoint name never contains a partial file. The fsync and the
+  rename run in the background while training goes on. The trainer never
+  deletes checkpoints.
 
 exit status:
   {EXIT_OK}    reached --steps, or stopped by SIGTERM after saving a checkpoint

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +24,12 @@ from trainer.checkpoint import (
     list_checkpoints,
     make_folder,
     remove_stale_temp_files,
-    save_atomic,
 )
 from trainer.config import TrainConfig
 from trainer.data import BatchSampler, Corpus, load_corpus
 from trainer.model import ByteTransformer, count_parameters
 from trainer.resume import iter_loadable, resumed_config
+from trainer.saving import BackgroundSaver
 from trainer.stop import StopRequest
 
 logger = logging.getLogger(__name__)
@@ -50,6 +50,8 @@ class Run:
     optimizer: torch.optim.AdamW
     sampler: BatchSampler
     step: int = 0
+    saver: BackgroundSaver = field(default_factory=BackgroundSaver)
+    """The run's checkpoint saves, of which at most one is pending."""
 
 
 def checkpoint_folder(config: TrainConfig) -> Path:
@@ -156,7 +158,10 @@ def _train_step(run: Run) -> float:
 
 
 def save(run: Run) -> None:
-    """Save a checkpoint of `run` atomically. Raise CheckpointSaveError if that fails."""
+    """Start an atomic save of a checkpoint of `run`, whose fsync and rename run in the background.
+
+    Raise CheckpointSaveError if the write, or the background part of the previous save, failed.
+    """
     folder = checkpoint_folder(run.config)
     path = folder / checkpoint_name(run.step, run.name, run.config.seed)
     payload = {
@@ -169,8 +174,7 @@ def save(run: Run) -> None:
         "sampler_rng_state": run.sampler.get_state(),
         "corpus_sha256": run.corpus.sha256,
     }
-    duration = save_atomic(payload, path)
-    logger.info("saved checkpoint %s at step %d in %.3f s", path, run.step, duration)
+    run.saver.save(payload, path)
 
 
 class _LossMeter:
@@ -199,8 +203,9 @@ def train(run: Run, stop: StopRequest) -> None:
     """Train `run` until `config.steps` or a stop request, saving checkpoints on the way.
 
     On a stop request the current step finishes, then a checkpoint of it is saved unless one
-    exists already. Raise TrainingError if the loss stops being finite, and
-    CheckpointSaveError if a save fails.
+    exists already. Return only when the last checkpoint is durable under its name. Raise
+    TrainingError if the loss stops being finite, and CheckpointSaveError if a save fails. A
+    save pending when an error is raised is finished first, and its own failure is logged.
     """
     config = run.config
     if run.step >= config.steps:
@@ -217,6 +222,15 @@ def train(run: Run, stop: StopRequest) -> None:
         config.steps,
         torch.get_num_threads(),
     )
+    try:
+        _train_steps(run, stop)
+        run.saver.wait()
+    finally:
+        run.saver.close()
+
+
+def _train_steps(run: Run, stop: StopRequest) -> None:
+    config = run.config
     run.model.train()
     saved_step = run.step
     saved_time = time.monotonic()
@@ -230,6 +244,7 @@ def train(run: Run, stop: StopRequest) -> None:
                 "warmup_steps, then resume from the last checkpoint"
             )
         meter.add(loss)
+        run.saver.raise_if_failed()
         if run.step % config.log_every == 0 or run.step == config.steps:
             mean_loss, rate = meter.report()
             logger.info("step %d loss %.4f steps/s %.1f", run.step, mean_loss, rate)
