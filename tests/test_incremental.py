@@ -234,3 +234,23 @@ def test_move_pairing_delay_is_shortened(tmp_path: Path) -> None:
     Daemon(Policy(directory=tmp_path), lambda: Policy(directory=tmp_path))
 
     assert grouper.InotifyMoveEventGrouper.delay == MOVE_PAIRING_DELAY
+
+
+def test_daemon_never_sees_writes_or_opens(tmp_path: Path, samples: Samples, start_watcher) -> None:
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    watcher = start_watcher(str(folder), "-v")
+    assert watcher.wait_for_log("pass done")
+
+    with open(folder / ck(1), "wb") as file:
+        for start in range(0, len(samples.valid), 64):
+            file.write(samples.valid[start : start + 64])
+            file.flush()
+    for step in (2, 3):
+        save_atomically(folder / ck(step), samples.valid)
+    assert wait_until(lambda: not (folder / ck(1)).exists())
+
+    assert watcher.stop() == 0
+    assert "event closed" in watcher.log
+    assert "event modified" not in watcher.log
+    assert "event opened" not in watcher.log

@@ -18,7 +18,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    DirDeletedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
@@ -58,6 +67,18 @@ MOVE_PAIRING_DELAY = 0.01
 """Seconds watchdog's inotify observer keeps the first half of a rename while it waits for the
 second. Its default of 0.5 s also delays every event queued behind it, so deletions lag by up to
 half a second. Both halves of a rename inside one folder arrive in the same read."""
+INOTIFY_EVENTS = [
+    FileCreatedEvent,
+    FileMovedEvent,
+    FileDeletedEvent,
+    FileClosedEvent,
+    DirMovedEvent,
+    DirDeletedEvent,
+]
+"""Events asked of the inotify observer. watchdog turns the list into the kernel's event mask, so
+writes, opens and closes without a write never reach the process: a save of a few megabytes sends
+hundreds of writes, and every validity check opens a file. A checkpoint written in place is looked
+at when its writer closes it. The polling observer gets every event, since it sees no closes."""
 MAX_OBSERVER_RESTARTS = 5
 RESTART_WINDOW = 600.0
 """More than MAX_OBSERVER_RESTARTS within this many seconds ends the daemon with status 1, so the
@@ -341,7 +362,7 @@ class Daemon:
             polling = True
         if not polling:
             try:
-                return self._schedule(Observer(), path), "inotify"
+                return self._schedule(Observer(), path, INOTIFY_EVENTS), "inotify"
             except OSError as error:
                 if error.errno not in (errno.ENOSPC, errno.EMFILE):
                     raise
@@ -352,9 +373,11 @@ class Daemon:
                 )
         return self._schedule(PollingObserver(timeout=POLL_INTERVAL), path), "polling"
 
-    def _schedule(self, observer: BaseObserver, path: str) -> BaseObserver:
+    def _schedule(
+        self, observer: BaseObserver, path: str, events: list[type] | None = None
+    ) -> BaseObserver:
         try:
-            observer.schedule(_EventHandler(self), path, recursive=False)
+            observer.schedule(_EventHandler(self), path, recursive=False, event_filter=events)
             observer.start()
         except BaseException:
             _stop_observer(observer)
