@@ -160,6 +160,29 @@ def _storage_pickle(key: str, numel: int, type_name: str = "FloatStorage") -> by
     )
 
 
+def _with_last_header_offset(data: bytes, offset: int) -> bytes:
+    """Return the torch zip archive `data` with a zip64 header offset for its last record.
+
+    The last central directory entry gets 0xFFFFFFFF as offset and a zip64 extra field that
+    contains `offset`. The zip64 end record, its locator and the end record then describe the
+    longer central directory.
+    """
+    (zip64_end,) = struct.unpack_from("<Q", data, len(data) - 42 + 8)
+    cd_size, cd_offset = struct.unpack_from("<QQ", data, zip64_end + 40)
+    directory = bytearray(data[cd_offset : cd_offset + cd_size])
+    last = directory.rfind(b"PK\x01\x02")
+    extra_length, comment_length = struct.unpack_from("<HH", directory, last + 30)
+    assert comment_length == 0  # so the extra field may grow at the end of the directory
+    struct.pack_into("<H", directory, last + 30, extra_length + 12)
+    struct.pack_into("<I", directory, last + 42, 0xFFFFFFFF)
+    directory += struct.pack("<HHQ", 1, 8, offset)
+    end = bytearray(data[zip64_end:])
+    struct.pack_into("<QQ", end, 40, len(directory), cd_offset)
+    struct.pack_into("<Q", end, 56 + 8, cd_offset + len(directory))
+    struct.pack_into("<I", end, 56 + 20 + 12, len(directory))
+    return data[:cd_offset] + bytes(directory) + bytes(end)
+
+
 class _ExecutesOnLoad:
     """Object whose pickle calls os.system on load, to prove the check never runs it."""
 
@@ -403,6 +426,20 @@ def test_zip_without_zip64_records(tmp_path: Path) -> None:
     assert torch.load(path, weights_only=True).keys() == torch.load(original).keys()
     assert check_file(None, str(path)).valid
     assert _valid_offsets(path, data, range(len(data) - 300, len(data))) == []
+
+
+def test_zip64_header_offset_past_max(tmp_path: Path) -> None:
+    """A zip64 record offset beyond what os.pread accepts makes the file invalid, not an error."""
+    data = _small_checkpoint(tmp_path / "ckpt.pt").read_bytes()
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        real_offset = archive.infolist()[-1].header_offset
+    control = _check_bytes(tmp_path / "control.pt", _with_last_header_offset(data, real_offset))
+    assert control.valid, control.reason
+
+    verdict = _check_bytes(tmp_path / "crafted.pt", _with_last_header_offset(data, 2**64 - 1))
+    assert not verdict.valid
+    assert verdict.reason.startswith("truncated: local header of ")
+    assert verdict.reason.endswith(f"at byte {2**64 - 1} runs past the end of the file")
 
 
 # ---------------------------------------------------------------------------

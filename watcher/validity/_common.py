@@ -62,7 +62,19 @@ def count_noun(number: int, noun: str) -> str:
     return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
+# Largest file offset Linux accepts (off_t is signed 64-bit). An offset read from a damaged
+# or crafted file can be larger, and os.pread would raise OverflowError for it.
+_MAX_OFFSET = 2**63 - 1
+
+# Size of the window that one pread takes from the end of a zip archive. It contains the end
+# records and central directory of a torch checkpoint with several hundred records, and all of
+# a file up to this size.
+TAIL_WINDOW_BYTES = 64 * 1024
+
+
 def pread_exact(fd: int, length: int, offset: int, what: str) -> bytes:
+    if offset + length > _MAX_OFFSET:
+        raise Invalid(f"truncated: {what} at byte {offset} runs past the end of the file")
     chunks = []
     remaining = length
     while remaining > 0:
@@ -72,3 +84,39 @@ def pread_exact(fd: int, length: int, offset: int, what: str) -> bytes:
         chunks.append(chunk)
         remaining -= len(chunk)
     return b"".join(chunks)
+
+
+class FileReader:
+    """Positioned reads of one open file, served without a syscall inside a loaded window.
+
+    The window is a copy of the bytes at [window_start, window_start + len(window)) taken by
+    load_window, so a read inside it returns what os.pread returned then.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.window = b""
+        self.window_start = 0
+
+    def load_window(self, start: int, length: int) -> None:
+        self.window = os.pread(self.fd, length, start)
+        self.window_start = start
+
+    def load_tail(self, size: int) -> None:
+        """Load the last TAIL_WINDOW_BYTES of a file of `size` bytes, or all of a smaller one."""
+        start = max(0, size - TAIL_WINDOW_BYTES)
+        self.load_window(start, size - start)
+
+    def read(self, length: int, offset: int) -> bytes:
+        """Return up to `length` bytes at `offset`, fewer at the end of the file, like os.pread."""
+        start = offset - self.window_start
+        if start >= 0 and start + length <= len(self.window):
+            return self.window[start : start + length]
+        return os.pread(self.fd, length, offset)
+
+    def read_exact(self, length: int, offset: int, what: str) -> bytes:
+        """Return `length` bytes at `offset`, or raise Invalid naming `what` if the file ends."""
+        start = offset - self.window_start
+        if start >= 0 and start + length <= len(self.window):
+            return self.window[start : start + length]
+        return pread_exact(self.fd, length, offset, what)

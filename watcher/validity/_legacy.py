@@ -10,9 +10,9 @@ from watcher.validity._common import (
     LEGACY_PROTOCOL_VERSION,
     MAX_PICKLE_BYTES,
     STORAGE_ELEMENT_SIZES,
+    FileReader,
     Invalid,
     count_noun,
-    pread_exact,
 )
 from watcher.validity._unpickle import StorageRef, unpickle_restricted
 
@@ -21,16 +21,17 @@ class _PreadReader:
     """Minimal binary file for the unpickler, reading with pread from its own position.
 
     It never moves the descriptor's offset. Reads past MAX_PICKLE_BYTES raise Invalid, and
-    `reached_eof` records a read cut short by the end of the file.
+    `reached_eof` records a read cut short by the end of the file. It starts with the window
+    that `file` has loaded, which contains all of a small file.
     """
 
     _CHUNK = 64 * 1024
 
-    def __init__(self, fd: int, size: int) -> None:
-        self._fd = fd
+    def __init__(self, file: FileReader, size: int) -> None:
+        self._fd = file.fd
         self._size = size
-        self._buffer = b""
-        self._buffer_start = 0
+        self._buffer = file.window
+        self._buffer_start = file.window_start
         self.position = 0
         self.reached_eof = False
 
@@ -86,7 +87,7 @@ def _load_legacy_pickle(reader: _PreadReader, storages: dict[str, StorageRef], w
 
 
 def _check_legacy_storages(
-    fd: int, size: int, start: int, keys: list[str], storages: dict[str, StorageRef]
+    file: FileReader, size: int, start: int, keys: list[str], storages: dict[str, StorageRef]
 ) -> None:
     """Check each storage's element count header and that the last storage ends the file.
 
@@ -101,7 +102,7 @@ def _check_legacy_storages(
             raise Invalid(
                 f"storage {key} has unknown type {ref.type_name!r}, so its end cannot be found"
             )
-        header = pread_exact(fd, 8, position, f"size header of storage {key}")
+        header = file.read_exact(8, position, f"size header of storage {key}")
         (count,) = struct.unpack("<q", header)
         if count != ref.numel:
             raise Invalid(
@@ -115,8 +116,8 @@ def _check_legacy_storages(
         raise Invalid(f"{size - position} unexpected bytes after the last storage")
 
 
-def check_legacy(fd: int, size: int) -> str:
-    reader = _PreadReader(fd, size)
+def check_legacy(file: FileReader, size: int) -> str:
+    reader = _PreadReader(file, size)
     unused: dict[str, StorageRef] = {}
     try:
         magic = unpickle_restricted(reader, unused, legacy=True, what="magic number")
@@ -143,5 +144,5 @@ def check_legacy(fd: int, size: int) -> str:
     extra = sorted(set(keys) - set(storages))
     if extra:
         raise Invalid(f"storage {extra[0]} in the key list is not named in the pickle")
-    _check_legacy_storages(fd, size, reader.position, keys, storages)
+    _check_legacy_storages(file, size, reader.position, keys, storages)
     return f"complete legacy file, {count_noun(len(keys), 'storage')}"

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pickle
-from dataclasses import dataclass
-from typing import ClassVar
+import threading
+from typing import ClassVar, NamedTuple
 
 from watcher.validity._common import Invalid
 
@@ -37,8 +37,12 @@ class _Opaque:
         pass
 
 
-@dataclass(frozen=True)
-class StorageRef:
+def _new_opaque() -> _Opaque:
+    # Same object as _Opaque(), without the calls to its Python-level __new__ and __init__.
+    return object.__new__(_Opaque)
+
+
+class StorageRef(NamedTuple):
     """One storage id found in a pickle: key, storage class name and element count."""
 
     key: str
@@ -60,6 +64,46 @@ def _as_text(value: object) -> str | None:
     if isinstance(value, bytes):
         return value.decode("latin-1")
     return None
+
+
+# Stand-in classes shared by all checks, keyed by (module, name), so that a global costs one
+# type() call per process instead of one per file. Checks may run in several threads, so
+# additions take a lock, while lookups read the dict without it. A global past either cap gets
+# a stand-in for its pickle alone, so hostile pickles cannot grow the table without bound. A
+# full table with names at the length cap took about 2.5 MiB (tracemalloc, Python 3.11), and
+# a checkpoint of the trainer names four distinct globals.
+_SHARED_STAND_INS_MAX = 1024
+_SHARED_NAME_MAX = 256
+_shared_stand_ins: dict[tuple[str, str], type] = {}
+_shared_stand_ins_lock = threading.Lock()
+
+
+def _new_stand_in(module: str, name: str) -> type:
+    attributes = {"pickle_module": module, "pickle_name": name}
+    return type("OpaqueGlobal", (_Opaque,), attributes)
+
+
+def _shared_stand_in(module: str, name: str) -> type | None:
+    """Return the shared stand-in of a global, adding it unless a cap forbids, else None."""
+    if len(module) > _SHARED_NAME_MAX or len(name) > _SHARED_NAME_MAX:
+        return None
+    key = (module, name)
+    with _shared_stand_ins_lock:
+        stand_in = _shared_stand_ins.get(key)
+        if stand_in is None and len(_shared_stand_ins) < _SHARED_STAND_INS_MAX:
+            stand_in = _shared_stand_ins[key] = _new_stand_in(module, name)
+    return stand_in
+
+
+class _FramingStarted(Exception):
+    """Raised by the FRAME handler so that load() reads the rest through the unframer."""
+
+
+def _load_frame(unpickler: _RestrictedUnpickler) -> None:
+    unpickler.read = unpickler._unframer.read
+    unpickler.readline = unpickler._unframer.readline
+    pickle._Unpickler.load_frame(unpickler)
+    raise _FramingStarted
 
 
 def _reject_opcode(unpickler: pickle._Unpickler) -> None:
@@ -91,6 +135,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
     dispatch[pickle.BYTEARRAY8[0]] = _reject_opcode
     dispatch[pickle.NEXT_BUFFER[0]] = _reject_opcode
     dispatch[pickle.READONLY_BUFFER[0]] = _reject_opcode
+    dispatch[pickle.FRAME[0]] = _load_frame
 
     def __init__(self, file, storages: dict[str, StorageRef], legacy: bool) -> None:
         super().__init__(file, encoding="latin-1")
@@ -98,12 +143,44 @@ class _RestrictedUnpickler(pickle._Unpickler):
         self._legacy = legacy
         self._globals: dict[tuple[str, str], type] = {}
 
+    def load(self) -> object:
+        """Load one pickle, as pickle._Unpickler.load of Python 3.10 to 3.13 does, but faster.
+
+        The standard loop reads every opcode and argument through a pickle._Unframer, which
+        only matters once a FRAME opcode (protocol 4 and up) has been read. Until then this
+        loop reads from the file directly, so torch's default protocol 2 pays one call less
+        per read. From the first FRAME on, all reads go through the unframer as before.
+        """
+        self._unframer = pickle._Unframer(self._file_read, self._file_readline)
+        self.read = self._file_read
+        self.readline = self._file_readline
+        self.readinto = self._unframer.readinto
+        self.metastack = []
+        self.stack = []
+        self.append = self.stack.append
+        self.proto = 0
+        read = self.read
+        dispatch = self.dispatch
+        while True:
+            try:
+                while True:
+                    key = read(1)
+                    if not key:
+                        raise EOFError
+                    dispatch[key[0]](self)
+            except pickle._Stop as stop:
+                return stop.value
+            except _FramingStarted:
+                read = self.read
+
     def find_class(self, module: str, name: str) -> type:
         key = (module, name)
-        if key not in self._globals:
-            attributes = {"pickle_module": module, "pickle_name": name}
-            self._globals[key] = type("OpaqueGlobal", (_Opaque,), attributes)
-        return self._globals[key]
+        stand_in = _shared_stand_ins.get(key)
+        if stand_in is None:
+            stand_in = _shared_stand_in(module, name) or self._globals.get(key)
+        if stand_in is None:
+            stand_in = self._globals[key] = _new_stand_in(module, name)
+        return stand_in
 
     def persistent_load(self, pid: object) -> _Opaque | type[_Opaque]:
         if not isinstance(pid, tuple) or not pid:
@@ -117,7 +194,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
         if kind != "storage" or len(pid) != expected_length:
             raise Invalid(f"unexpected persistent id in pickle: kind {kind!r}, {len(pid)} fields")
         self._record_storage(pid[1], pid[2], pid[4])
-        return _Opaque()
+        return _new_opaque()
 
     def _record_storage(self, storage_type: object, key: object, numel: object) -> None:
         key_text = _as_text(key)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import io
+import operator
 import struct
 import zlib
 from dataclasses import dataclass
@@ -10,11 +10,14 @@ from dataclasses import dataclass
 from watcher.validity._common import (
     MAX_PICKLE_BYTES,
     STORAGE_ELEMENT_SIZES,
+    TAIL_WINDOW_BYTES,
+    FileReader,
     Invalid,
     count_noun,
     pread_exact,
 )
-from watcher.validity._unpickle import StorageRef, unpickle_restricted
+from watcher.validity._fast_unpickle import load_storages
+from watcher.validity._unpickle import StorageRef
 
 _EOCD = struct.Struct("<IHHHHIIH")
 _EOCD_SIGNATURE = 0x06054B50
@@ -31,7 +34,7 @@ _MAX16 = 0xFFFF
 _MAX32 = 0xFFFFFFFF
 
 
-@dataclass
+@dataclass(slots=True)
 class _ZipRecord:
     """One central directory entry; data_offset is filled in from its local header."""
 
@@ -46,7 +49,10 @@ class _ZipRecord:
     data_offset: int = -1
 
 
-@dataclass(frozen=True)
+_header_offset_of = operator.attrgetter("header_offset")
+
+
+@dataclass(slots=True)
 class _ZipEnd:
     """Offset, size and entry count of the central directory, read from the end records."""
 
@@ -55,12 +61,12 @@ class _ZipEnd:
     entries: int
 
 
-def _read_zip_end(fd: int, size: int) -> _ZipEnd:
+def _read_zip_end(file: FileReader, size: int) -> _ZipEnd:
     """Parse the zip64 end record, its locator and the end record, which torch writes last."""
     tail_length = _EOCD.size + _ZIP64_LOCATOR.size
     if size < tail_length:
         raise Invalid("truncated: end-of-central-directory record missing")
-    tail = pread_exact(fd, tail_length, size - tail_length, "end records")
+    tail = file.read_exact(tail_length, size - tail_length, "end records")
     eocd = _EOCD.unpack_from(tail, _ZIP64_LOCATOR.size)
     signature, disk, cd_disk, disk_entries, entries16, cd_size32, cd_offset32, comment = eocd
     if signature != _EOCD_SIGNATURE:
@@ -77,7 +83,7 @@ def _read_zip_end(fd: int, size: int) -> _ZipEnd:
     if zip64_offset + _ZIP64_EOCD.size > locator_offset:
         raise Invalid(f"zip64 end record offset {zip64_offset} is out of range")
 
-    record = pread_exact(fd, _ZIP64_EOCD.size, zip64_offset, "zip64 end record")
+    record = file.read_exact(_ZIP64_EOCD.size, zip64_offset, "zip64 end record")
     fields = _ZIP64_EOCD.unpack(record)
     signature, record_size, _made_by, _needed, disk, cd_disk = fields[:6]
     disk_entries64, entries, cd_size, cd_offset = fields[6:]
@@ -121,78 +127,123 @@ def _zip64_values(extra: bytes, wanted: int, name: str) -> list[int]:
     raise Invalid(f"record {name} lacks the zip64 extra field its sizes need")
 
 
-def _parse_central_header(directory: bytes, position: int) -> tuple[_ZipRecord, int]:
-    """Parse the central directory header at `position`; return it and the next position."""
-    if position + _CENTRAL_HEADER.size > len(directory):
-        raise Invalid("central directory ends inside a header")
-    fields = _CENTRAL_HEADER.unpack_from(directory, position)
-    signature, _made_by, _needed, flags, method, _time, _date, crc = fields[:8]
-    compressed_size, uncompressed_size, name_length, extra_length, comment_length = fields[8:13]
-    header_offset = fields[16]
-    if signature != _CENTRAL_HEADER_SIGNATURE:
-        raise Invalid(f"central directory header at offset {position} has a bad signature")
-    name_start = position + _CENTRAL_HEADER.size
-    extra_start = name_start + name_length
-    end = extra_start + extra_length + comment_length
-    if end > len(directory):
-        raise Invalid("central directory ends inside a header")
-    raw_name = directory[name_start:extra_start]
-    name = raw_name.decode("utf-8", "surrogateescape")
+def _resolve_zip64(
+    extra: bytes, uncompressed_size: int, compressed_size: int, header_offset: int, name: str
+) -> tuple[int, int, int]:
+    """Replace each 32-bit field at its maximum by its value from the zip64 extra field.
 
-    # Sizes and offset that do not fit in 32 bits are in the zip64 extra field, in this order.
+    The zip64 extra field lists the replaced values in this order: uncompressed size,
+    compressed size, header offset.
+    """
     large = [uncompressed_size == _MAX32, compressed_size == _MAX32, header_offset == _MAX32]
-    if any(large):
-        extra = directory[extra_start : extra_start + extra_length]
-        values = iter(_zip64_values(extra, sum(large), name))
-        if large[0]:
-            uncompressed_size = next(values)
-        if large[1]:
-            compressed_size = next(values)
-        if large[2]:
-            header_offset = next(values)
-    record = _ZipRecord(
-        name, raw_name, flags, method, crc, compressed_size, uncompressed_size, header_offset
-    )
-    return record, end
+    values = iter(_zip64_values(extra, sum(large), name))
+    if large[0]:
+        uncompressed_size = next(values)
+    if large[1]:
+        compressed_size = next(values)
+    if large[2]:
+        header_offset = next(values)
+    return uncompressed_size, compressed_size, header_offset
 
 
-def _read_central_directory(fd: int, end: _ZipEnd) -> list[_ZipRecord]:
-    if end.entries > end.cd_size // _CENTRAL_HEADER.size:
-        raise Invalid(f"central directory of {end.cd_size} bytes cannot hold {end.entries} entries")
-    if end.cd_size > MAX_PICKLE_BYTES:
-        raise Invalid(f"central directory of {end.cd_size} bytes is over the limit of this check")
-    directory = pread_exact(fd, end.cd_size, end.cd_offset, "central directory")
+def _parse_central_directory(directory: bytes, entries: int) -> list[_ZipRecord]:
+    """Parse `entries` central directory headers, which must fill `directory` exactly."""
     records = []
     position = 0
-    for _ in range(end.entries):
-        record, position = _parse_central_header(directory, position)
-        records.append(record)
-    if position != end.cd_size:
+    for _ in range(entries):
+        if position + _CENTRAL_HEADER.size > len(directory):
+            raise Invalid("central directory ends inside a header")
+        (
+            signature,
+            _made_by,
+            _needed,
+            flags,
+            method,
+            _time,
+            _date,
+            crc,
+            compressed_size,
+            uncompressed_size,
+            name_length,
+            extra_length,
+            comment_length,
+            _disk,
+            _internal_attributes,
+            _external_attributes,
+            header_offset,
+        ) = _CENTRAL_HEADER.unpack_from(directory, position)
+        if signature != _CENTRAL_HEADER_SIGNATURE:
+            raise Invalid(f"central directory header at offset {position} has a bad signature")
+        name_start = position + _CENTRAL_HEADER.size
+        extra_start = name_start + name_length
+        position = extra_start + extra_length + comment_length
+        if position > len(directory):
+            raise Invalid("central directory ends inside a header")
+        raw_name = directory[name_start:extra_start]
+        name = raw_name.decode("utf-8", "surrogateescape")
+        if _MAX32 in (uncompressed_size, compressed_size, header_offset):
+            extra = directory[extra_start : extra_start + extra_length]
+            uncompressed_size, compressed_size, header_offset = _resolve_zip64(
+                extra, uncompressed_size, compressed_size, header_offset, name
+            )
+        records.append(
+            _ZipRecord(
+                name,
+                raw_name,
+                flags,
+                method,
+                crc,
+                compressed_size,
+                uncompressed_size,
+                header_offset,
+            )
+        )
+    if position != len(directory):
         raise Invalid("central directory has bytes after its last entry")
     return records
 
 
-def _check_local_headers(fd: int, records: list[_ZipRecord], cd_offset: int) -> None:
+def _read_central_directory(file: FileReader, end: _ZipEnd) -> list[_ZipRecord]:
+    if end.entries > end.cd_size // _CENTRAL_HEADER.size:
+        raise Invalid(f"central directory of {end.cd_size} bytes cannot hold {end.entries} entries")
+    if end.cd_size > MAX_PICKLE_BYTES:
+        raise Invalid(f"central directory of {end.cd_size} bytes is over the limit of this check")
+    directory = file.read_exact(end.cd_size, end.cd_offset, "central directory")
+    return _parse_central_directory(directory, end.entries)
+
+
+def _check_local_headers(file: FileReader, records: list[_ZipRecord], cd_offset: int) -> None:
     """Check each record's local header and that records lie, without overlap, before the CD."""
-    ordered = sorted(records, key=lambda record: record.header_offset)
-    limits = [record.header_offset for record in ordered[1:]] + [cd_offset]
+    ordered = sorted(records, key=_header_offset_of)
+    limits = [record.header_offset for record in ordered[1:]]
+    limits.append(cd_offset)
+    window = file.window
     for record, limit in zip(ordered, limits):
         if record.flags & 0x1:
             raise Invalid(f"record {record.name} is encrypted")
-        length = _LOCAL_HEADER.size + len(record.raw_name)
-        header = pread_exact(fd, length, record.header_offset, f"local header of {record.name}")
-        fields = _LOCAL_HEADER.unpack_from(header)
+        raw_name = record.raw_name
+        length = _LOCAL_HEADER.size + len(raw_name)
+        # A header inside the window is parsed in place, which saves a copy per record.
+        start = record.header_offset - file.window_start
+        if start >= 0 and start + length <= len(window):
+            buffer = window
+        else:
+            what = f"local header of {record.name}"
+            buffer = pread_exact(file.fd, length, record.header_offset, what)
+            start = 0
+        fields = _LOCAL_HEADER.unpack_from(buffer, start)
         signature, name_length, extra_length = fields[0], fields[9], fields[10]
         if signature != _LOCAL_HEADER_SIGNATURE:
             raise Invalid(f"local header of {record.name} has a bad signature")
-        if header[_LOCAL_HEADER.size :] != record.raw_name or name_length != len(record.raw_name):
+        name_start = start + _LOCAL_HEADER.size
+        if name_length != len(raw_name) or not buffer.startswith(raw_name, name_start):
             raise Invalid(f"local header of {record.name} names another record")
         record.data_offset = record.header_offset + length + extra_length
         if record.data_offset + record.compressed_size > limit:
             raise Invalid(f"record {record.name} overlaps the next record or the directory")
 
 
-def _read_stored_record(fd: int, record: _ZipRecord) -> bytes:
+def _read_stored_record(file: FileReader, record: _ZipRecord) -> bytes:
     """Read one uncompressed record, as torch.save writes them, and check its CRC-32."""
     if record.method != 0:
         raise Invalid(
@@ -206,7 +257,7 @@ def _read_stored_record(fd: int, record: _ZipRecord) -> bytes:
             f"{record.name} is {record.uncompressed_size} bytes, over the "
             f"{MAX_PICKLE_BYTES}-byte limit of this check"
         )
-    data = pread_exact(fd, record.compressed_size, record.data_offset, record.name)
+    data = file.read_exact(record.compressed_size, record.data_offset, record.name)
     # Under torch.serialization.set_crc32_options(False), torch 2.13 writes CRC 0 for every
     # record and torch.load accepts the file, so 0 means that no CRC was recorded.
     if record.crc != 0 and zlib.crc32(data) != record.crc:
@@ -227,8 +278,9 @@ def _archive_prefix(records: list[_ZipRecord]) -> str:
 def _check_storage_records(
     storages: dict[str, StorageRef], by_name: dict[str, _ZipRecord], prefix: str
 ) -> None:
+    data_folder = f"{prefix}/data/"
     for ref in storages.values():
-        record = by_name.get(f"{prefix}/data/{ref.key}")
+        record = by_name.get(data_folder + ref.key)
         if record is None:
             raise Invalid(f"storage data/{ref.key} named in data.pkl has no record")
         element_size = STORAGE_ELEMENT_SIZES.get(ref.type_name)
@@ -244,9 +296,12 @@ def _check_storage_records(
             )
 
 
-def check_zip(fd: int, size: int) -> str:
-    end = _read_zip_end(fd, size)
-    records = _read_central_directory(fd, end)
+def check_zip(file: FileReader, size: int) -> str:
+    if size > TAIL_WINDOW_BYTES:
+        # A smaller file is already in the window whole.
+        file.load_tail(size)
+    end = _read_zip_end(file, size)
+    records = _read_central_directory(file, end)
     by_name: dict[str, _ZipRecord] = {}
     for record in records:
         if record.name in by_name:
@@ -259,9 +314,8 @@ def check_zip(fd: int, size: int) -> str:
     if f"{prefix}/version" not in by_name and f"{prefix}/.data/version" not in by_name:
         raise Invalid(f"not a torch archive: no {prefix}/version record")
 
-    _check_local_headers(fd, records, end.cd_offset)
-    data = _read_stored_record(fd, pickle_record)
-    storages: dict[str, StorageRef] = {}
-    unpickle_restricted(io.BytesIO(data), storages, legacy=False, what="data.pkl")
+    _check_local_headers(file, records, end.cd_offset)
+    data = _read_stored_record(file, pickle_record)
+    storages = load_storages(data, "data.pkl")
     _check_storage_records(storages, by_name, prefix)
     return f"complete zip archive, {count_noun(len(storages), 'storage')}"

@@ -6,7 +6,14 @@ import errno
 import os
 import stat
 
-from watcher.validity._common import LEGACY_PREFIX, ZIP_LOCAL_MAGIC, Invalid, Verdict
+from watcher.validity._common import (
+    LEGACY_PREFIX,
+    TAIL_WINDOW_BYTES,
+    ZIP_LOCAL_MAGIC,
+    FileReader,
+    Invalid,
+    Verdict,
+)
 from watcher.validity._legacy import check_legacy
 from watcher.validity._zip import check_zip
 
@@ -28,11 +35,15 @@ def _file_type_name(mode: int) -> str:
 
 def _check_contents(fd: int, size: int) -> str:
     """Return the reason a non-empty regular file is valid, or raise Invalid."""
-    head = os.pread(fd, 4, 0)
+    reader = FileReader(fd)
+    if size <= TAIL_WINDOW_BYTES:
+        # One read serves every later read of a small file.
+        reader.load_window(0, size)
+    head = reader.read(4, 0)
     if head == ZIP_LOCAL_MAGIC:
-        return check_zip(fd, size)
+        return check_zip(reader, size)
     if head == LEGACY_PREFIX or (len(head) == 4 and head[0] == 0x80 and 2 <= head[1] <= 5):
-        return check_legacy(fd, size)
+        return check_legacy(reader, size)
     if len(head) < 4 and (ZIP_LOCAL_MAGIC.startswith(head) or LEGACY_PREFIX.startswith(head)):
         raise Invalid(f"truncated: {len(head)} bytes")
     raise Invalid("not a torch checkpoint: no zip or legacy torch signature")
