@@ -107,6 +107,74 @@ def measure(folder: Folder, rounds: int) -> tuple[dict[str, list[float]], list[s
     return samples, errors
 
 
+def phase_costs(parent: Path, data: bytes, count: int, rounds: int) -> dict[str, dict]:
+    """Time the parts of a one-shot pass per file, each on a freshly built folder of `count`.
+
+    The watcher's deletion renames each file to a hidden name, checks it with lstat and unlinks
+    it, and logs a line; the bare scan only unlinks. Returns microseconds-per-file summaries.
+    """
+    import logging
+
+    from watcher.scan import NameMatcher, scan_folder
+    from watcher.validity.checks import open_and_check
+
+    folder = Folder(parent / "phases", count, data)
+    folder.path.mkdir()
+    logger = logging.getLogger("bench.oneshot.phases")
+    logger.propagate = False
+    sink = open(os.devnull, "w")  # noqa: SIM115 - closed below
+    logger.addHandler(logging.StreamHandler(sink))
+    logger.setLevel(logging.INFO)
+
+    def per_file(action) -> callable:
+        def run() -> float:
+            folder.rebuild()
+            dir_fd = os.open(folder.path, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                started = time.perf_counter()
+                action(dir_fd)
+                return (time.perf_counter() - started) / count
+            finally:
+                os.close(dir_fd)
+
+        return run
+
+    def unlink(dir_fd: int) -> None:
+        for name in folder.names:
+            os.unlink(name, dir_fd=dir_fd)
+
+    def hidden_delete(dir_fd: int) -> None:
+        for name in folder.names:
+            hidden = ".ckpt-watcher.pruning." + name
+            os.rename(name, hidden, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            os.stat(hidden, dir_fd=dir_fd, follow_symlinks=False)
+            os.unlink(hidden, dir_fd=dir_fd)
+
+    def check(dir_fd: int) -> None:
+        for name in folder.names:
+            open_and_check(dir_fd, name)
+
+    def log_lines(_dir_fd: int) -> None:
+        for name in folder.names:
+            logger.info("pruned %r (step %d): older than the newest 2", name, 1)
+
+    def scan(dir_fd: int) -> None:
+        scan_folder(dir_fd, NameMatcher(lib.PATTERN))
+
+    phases = {
+        "unlink (the bare scan's deletion)": per_file(unlink),
+        "rename to a hidden name, lstat, unlink": per_file(hidden_delete),
+        "validity check (open_and_check)": per_file(check),
+        "one log line": per_file(log_lines),
+        "scan: list and lstat": per_file(scan),
+    }
+    try:
+        samples = lib.interleave(phases, rounds)
+    finally:
+        sink.close()
+    return {name: lib.summarize(values) for name, values in samples.items()}
+
+
 def start_up(rounds: int) -> dict[str, dict]:
     """Time interpreter start-up alone: bare, and with the watcher's one-shot modules."""
     commands = {
@@ -139,6 +207,7 @@ def main(argv=None) -> int:
         folder.rebuild()
         build_seconds = time.perf_counter() - started
         samples, errors = measure(folder, rounds)
+        phases = phase_costs(parent, data, 1_000 if args.quick else 10_000, rounds + 2)
     startup = start_up(rounds * 5)
 
     summaries = {name: lib.summarize(values) for name, values in samples.items()}
@@ -171,6 +240,7 @@ def main(argv=None) -> int:
         "build_seconds": build_seconds,
         "summaries": summaries,
         "start_up": startup,
+        "phases_seconds_per_file": phases,
         "errors": errors,
         "targets": targets,
     }
@@ -187,6 +257,10 @@ def main(argv=None) -> int:
         lib.table_ms(process, "watcher --once (process)"),
         "",
         lib.table_ms(in_process, "watcher --once (in-process)"),
+        "",
+        "Parts of a pass, in ms per file (each on a freshly built folder, interleaved):",
+        "",
+        lib.table_ms(phases),
         "",
         "Interpreter start-up alone:",
         "",

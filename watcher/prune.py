@@ -6,9 +6,7 @@ import errno
 import logging
 import os
 import stat
-import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from watcher.policy import Decision, Plan
@@ -32,18 +30,10 @@ class PruneResult:
     """Names deleted by this plan, or found gone already."""
     not_confirmed: list[str] = field(default_factory=list)
     """Names the plan prunes that the confirm callback kept, because the file is invalid."""
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def failed(self) -> int:
         return len(self.failures)
-
-
-PARALLEL_DELETIONS = 256
-"""A plan that deletes at least this many files deletes them from DELETE_THREADS threads. Deleting
-is almost all system calls, which run outside the interpreter lock, so the threads overlap each
-other and the validity checks of the files still to come."""
-DELETE_THREADS = 4
 
 
 def execute_plan(
@@ -59,28 +49,17 @@ def execute_plan(
     A dry run deletes nothing and only counts what would go. `confirm`, when given, is called for
     each file just before its deletion, and a file it returns False for is kept.
     """
+    # Deletions run one after another: spread over threads, they made a large pass slower,
+    # because each thread's Python work between system calls keeps the others waiting.
     result = PruneResult()
-    pruned = plan.pruned
-    pool = None
-    if not dry_run and len(pruned) >= PARALLEL_DELETIONS:
-        pool = ThreadPoolExecutor(DELETE_THREADS, thread_name_prefix="ckpt-watcher-delete")
-    futures = []
-    try:
-        for decision in pruned:
-            if confirm is not None and not confirm(decision):
-                result.not_confirmed.append(decision.entry.name)
-            elif dry_run:
-                result.pruned += 1
-                result.bytes_freed += decision.entry.stat.st_size
-            elif pool is not None:
-                futures.append(pool.submit(_prune_one, decision, dir_fd, result))
-            else:
-                _prune_one(decision, dir_fd, result)
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True)
-    for future in futures:
-        future.result()  # an unexpected exception in a deletion thread surfaces here
+    for decision in plan.pruned:
+        if confirm is not None and not confirm(decision):
+            result.not_confirmed.append(decision.entry.name)
+        elif dry_run:
+            result.pruned += 1
+            result.bytes_freed += decision.entry.stat.st_size
+        else:
+            _prune_one(decision, dir_fd, result)
     return result
 
 
@@ -98,13 +77,11 @@ def _prune_one(decision: Decision, dir_fd: int, result: PruneResult) -> None:
         os.rename(entry.name, hidden, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except FileNotFoundError:
         log.info("already gone, nothing to prune: %r", entry.name)
-        with result.lock:
-            result.skipped += 1
-            result.gone.append(entry.name)
+        result.skipped += 1
+        result.gone.append(entry.name)
         return
     except OSError as error:
-        with result.lock:
-            result.failures.append((decision, _deletion_error(error)))
+        result.failures.append((decision, _deletion_error(error)))
         return
 
     try:
@@ -113,20 +90,17 @@ def _prune_one(decision: Decision, dir_fd: int, result: PruneResult) -> None:
             # A link swapped in or a new save since the scan: the plan does not apply to it.
             _restore(hidden, entry.name, dir_fd)
             log.warning("%r changed since the scan, left in place for the next pass", entry.name)
-            with result.lock:
-                result.skipped += 1
+            result.skipped += 1
             return
         os.unlink(hidden, dir_fd=dir_fd)
     except OSError as error:
         _restore(hidden, entry.name, dir_fd)
-        with result.lock:
-            result.failures.append((decision, _deletion_error(error)))
+        result.failures.append((decision, _deletion_error(error)))
         return
     log.info("pruned %s", describe_decision(decision))
-    with result.lock:
-        result.gone.append(entry.name)
-        result.pruned += 1
-        result.bytes_freed += entry.stat.st_size
+    result.gone.append(entry.name)
+    result.pruned += 1
+    result.bytes_freed += entry.stat.st_size
 
 
 def _restore(hidden: str, name: str, dir_fd: int) -> None:
