@@ -110,8 +110,8 @@ def measure(folder: Folder, rounds: int) -> tuple[dict[str, list[float]], list[s
 def phase_costs(parent: Path, data: bytes, count: int, rounds: int) -> dict[str, dict]:
     """Time the parts of a one-shot pass per file, each on a freshly built folder of `count`.
 
-    The watcher's deletion renames each file to a hidden name, checks it with lstat and unlinks
-    it, and logs a line; the bare scan only unlinks. Returns microseconds-per-file summaries.
+    The watcher deletes a file by renaming it to a hidden name, checking it with lstat and
+    unlinking it, and logs a line. The bare scan only unlinks. Returns seconds-per-file summaries.
     """
     import logging
 
