@@ -345,7 +345,9 @@ class Pruner:
             )
             if entry.step < highest:
                 _warn_rollback(entry, highest)
-        self._valid_seen = (self._valid_seen - removed) | valid_now
+        # In place, so the cost follows the change and not the size of the folder.
+        self._valid_seen -= removed
+        self._valid_seen |= valid_now
         self._arrivals = {
             series: arrival
             for series, arrival in self._arrivals.items()
