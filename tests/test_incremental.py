@@ -1,7 +1,7 @@
 """Passes over changed names: the same outcome as passes over the whole folder, far less work.
 
 The daemon handles an event by looking only at the names it carries (Pruner.run_changed). These
-tests run random folder histories twice, in two folders: one answered with run_changed() over the
+tests run random folder histories twice, in two folders: one pruned with run_changed() over the
 touched names, the other with run() over the whole folder. After every step both folders must hold
 the same names.
 """
@@ -227,8 +227,8 @@ def test_daemon_link_made_later_protects_its_target(
 def test_move_pairing_delay_is_shortened(tmp_path: Path) -> None:
     from watchdog.observers import inotify_move_event_grouper as grouper
 
-    # A watchdog release that drops or renames this attribute makes the daemon hold half of
-    # every rename for its own default; this assert is the reminder to look again.
+    # Without this attribute the daemon waits watchdog's default for half of every rename.
+    # This assert fails if a watchdog release drops or renames it.
     assert isinstance(grouper.InotifyMoveEventGrouper.delay, (int, float))
 
     Daemon(Policy(directory=tmp_path), lambda: Policy(directory=tmp_path))
@@ -254,3 +254,42 @@ def test_daemon_never_sees_writes_or_opens(tmp_path: Path, samples: Samples, sta
     assert "event closed" in watcher.log
     assert "event modified" not in watcher.log
     assert "event opened" not in watcher.log
+
+
+def test_named_pass_sees_rewrite_in_place(pruned, samples: Samples) -> None:
+    folder, fd, pruner = pruned
+    save_atomically(folder / ck(3), samples.valid)
+    pruner.run_changed(fd, {ck(3)})
+    # Step 3 is being rewritten in place: no event names it until its writer closes it.
+    write_file(folder / ck(3), samples.truncated)
+    save_atomically(folder / ck(4), samples.valid)
+
+    summary = pruner.run_changed(fd, {ck(4)})
+
+    assert summary.pruned == 0
+    assert sorted(os.listdir(folder)) == [ck(2), ck(3), ck(4)]
+
+
+def test_daemon_keeps_newest_during_rewrite(
+    tmp_path: Path, samples: Samples, start_watcher
+) -> None:
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    watcher = start_watcher(str(folder))
+    assert watcher.wait_for_log("pass done")
+    for step in (1, 2, 3):
+        save_atomically(folder / ck(step), samples.valid)
+    assert wait_until(lambda: not (folder / ck(1)).exists())
+
+    with open(folder / ck(3), "wb") as writer:
+        writer.write(samples.valid[:100])
+        writer.flush()
+        passes = watcher.log.count("pass done")
+        save_atomically(folder / ck(4), samples.valid)
+        assert watcher.wait_for_log("pass done", count=passes + 1)
+        assert (folder / ck(2)).exists(), "a half-rewritten file pushed out a valid one"
+        writer.write(samples.valid[100:])
+    assert wait_until(lambda: not (folder / ck(2)).exists())
+
+    assert watcher.stop() == 0
+    assert sorted(os.listdir(folder)) == sorted([ck(3), ck(4), ".ckpt-watcher.lock"])

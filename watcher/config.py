@@ -54,7 +54,8 @@ class Policy:
 
     def describe(self) -> str:
         """Return the policy as one sentence for the start-up log."""
-        parts = [f"keep the newest {self.keep_last} valid checkpoints of each series"]
+        plural = "" if self.keep_last == 1 else "s"
+        parts = [f"keep the newest {self.keep_last} valid checkpoint{plural} of each series"]
         if self.keep_every is not None:
             parts.append(f"every step divisible by {self.keep_every}")
         if self.milestones:

@@ -246,25 +246,13 @@ class Pruner:
             old = folder.entries.get(name)
             if entry is not None and entry.kind is not Kind.CHECKPOINT:
                 entry = None
-            verdict = None if entry is None else self.cache.check(dir_fd, name, entry.stat)
-            if (
-                old is not None
-                and entry is not None
-                and stat_key(old.stat) == stat_key(entry.stat)
-                and verdict == folder.verdicts[name]
-            ):
-                continue
-            if old is not None:
-                folder.remove(old)
-                removed.add((old.name, old.stat.st_ino))
-                series.add(old.series)
-            if entry is not None:
-                folder.add(entry, verdict)
-                changed.append(entry)
-                series.add(entry.series)
+            self._take_in(dir_fd, folder, old, entry, changed, removed, series)
         if not series:
             self._folder = folder
             return None
+        if not self._refresh_newest(dir_fd, folder, series, changed, removed):
+            return self.run(dir_fd)
+        changed = [entry for entry in changed if folder.entries.get(entry.name) is entry]
 
         names_changed = {entry.name for entry in changed}
         tracked = [
@@ -282,6 +270,60 @@ class Pruner:
         summary = self._carry_out(plan, dir_fd, folder, started, partial=True)
         self._folder = folder
         return dataclasses.replace(summary, names=len(names))
+
+    def _take_in(self, dir_fd, folder, old, entry, changed, removed, series) -> None:
+        """Replace `old` (the model's entry of a name, or None) with `entry` (a fresh lookup).
+
+        Nothing changes when both are the same file version with the same verdict.
+        """
+        verdict = None if entry is None else self.cache.check(dir_fd, entry.name, entry.stat)
+        if (
+            old is not None
+            and entry is not None
+            and stat_key(old.stat) == stat_key(entry.stat)
+            and verdict == folder.verdicts[old.name]
+        ):
+            return
+        if old is not None:
+            folder.remove(old)
+            removed.add((old.name, old.stat.st_ino))
+            series.add(old.series)
+        if entry is not None:
+            folder.add(entry, verdict)
+            changed.append(entry)
+            series.add(entry.series)
+
+    def _refresh_newest(self, dir_fd, folder, series, changed, removed) -> bool:
+        """Look again at the files that count among the newest of each series to be planned.
+
+        The inotify observer reports a file rewritten in place only when its writer closes it,
+        so a file the model counts among the newest valid ones may be half rewritten by now.
+        From the highest step down to the keep_last-th valid file that is not a milestone, each
+        file is looked up again and taken in if it changed. Return False when one of them has
+        become a symlink, which calls for a full pass.
+        """
+        for key in sorted(series):
+            entries = sorted(
+                folder.series_entries(key), key=lambda e: (e.step, e.name), reverse=True
+            )
+            counted = 0
+            for old in entries:
+                if counted >= self.policy.keep_last:
+                    break
+                entry = lookup(dir_fd, old.name, self.matcher)
+                if entry is not None and entry.kind is Kind.LINK:
+                    return False
+                if entry is not None and entry.kind is not Kind.CHECKPOINT:
+                    entry = None
+                self._take_in(dir_fd, folder, old, entry, changed, removed, series)
+                current = folder.entries.get(old.name)
+                if (
+                    current is not None
+                    and folder.verdicts[current.name].valid
+                    and not self.policy.is_milestone(current.step)
+                ):
+                    counted += 1
+        return True
 
     def _carry_out(
         self,
@@ -324,7 +366,7 @@ class Pruner:
         """Record the newest valid newcomer of each series among `changed`, as run() does.
 
         `removed` contains the (name, inode) keys of the entries that `changed` replaced or that
-        went away; what the previous pass saw valid is updated only after the comparison.
+        went away. What the previous pass saw valid is updated only after the comparison.
         """
         newcomers: dict[str, Entry] = {}
         valid_now = set()

@@ -101,7 +101,7 @@ def _plan_series(
             decisions.append(Decision(entry, Action.KEEP, reason))
         else:
             prune_reason = (
-                f"older than the newest {policy.keep_last} valid checkpoints of its series"
+                f"older than the newest {valid_checkpoints(policy.keep_last)} of its series"
             )
             if oldest_kept_step is not None:
                 prune_reason += f" (the oldest of those is step {oldest_kept_step})"
@@ -129,10 +129,15 @@ def _reason_to_keep(
     if entry.step in policy.milestones:
         return "milestone (listed in milestones)"
     if entry.name in newest_names:
-        return f"among the newest {policy.keep_last} valid checkpoints of its series"
+        return f"among the newest {valid_checkpoints(policy.keep_last)} of its series"
     if entry.name in arrivals:
         return "the checkpoint of its series written most recently, although higher steps exist"
     return None
+
+
+def valid_checkpoints(count: int) -> str:
+    """Return '1 valid checkpoint' or 'N valid checkpoints'."""
+    return f"{count} valid checkpoint" if count == 1 else f"{count} valid checkpoints"
 
 
 def _is_valid(entry: Entry, verdicts: Mapping[str, Verdict]) -> bool:
