@@ -78,7 +78,8 @@ INOTIFY_EVENTS = [
 """Events asked of the inotify observer. watchdog turns the list into the kernel's event mask, so
 writes, opens and closes without a write never reach the process: a save of a few megabytes sends
 hundreds of writes, and every validity check opens a file. A checkpoint written in place is looked
-at when its writer closes it. The polling observer gets every event, since it sees no closes."""
+at when its writer closes it, or sooner when a pass over its series looks at the newest files
+again. The polling observer gets every event, since it reports no closes."""
 MAX_OBSERVER_RESTARTS = 5
 RESTART_WINDOW = 600.0
 """More than MAX_OBSERVER_RESTARTS within this many seconds ends the daemon with status 1, so the

@@ -8,7 +8,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from watcher.config import Policy
 from watcher.policy import plan_retention
@@ -135,10 +135,6 @@ class Pruner:
             self.cache = ValidityCache(settle_seconds=seconds)
             self._settle_seconds = seconds
 
-    def forget_folder(self) -> None:
-        """Make the next run_changed() list the whole folder, as after a failed pass."""
-        self._folder = None
-
     def replace_policy(self, policy: Policy) -> None:
         """Apply a reloaded policy, keeping what earlier passes saw unless the pattern changed."""
         if policy.pattern != self.policy.pattern:
@@ -234,25 +230,18 @@ class Pruner:
         if folder is None:
             return self.run(dir_fd)
         started = time.monotonic()
-        changed: list[Entry] = []
-        removed: set[tuple[str, int]] = set()
-        series: set[str] = set()
-        for name in sorted(names):
-            if name.startswith(PRUNING_PREFIX) or name == LOCK_NAME:
-                continue
-            entry = lookup(dir_fd, name, self.matcher)
-            if name in folder.link_names or (entry is not None and entry.kind is Kind.LINK):
-                return self.run(dir_fd)
-            old = folder.entries.get(name)
-            if entry is not None and entry.kind is not Kind.CHECKPOINT:
-                entry = None
-            self._take_in(dir_fd, folder, old, entry, changed, removed, series)
-        if not series:
-            self._folder = folder
-            return None
-        if not self._refresh_newest(dir_fd, folder, series, changed, removed):
+        changes = _Changes()
+        try:
+            for name in sorted(names):
+                if not name.startswith(PRUNING_PREFIX) and name != LOCK_NAME:
+                    self._look_up(dir_fd, folder, name, changes)
+            if not changes.series:
+                self._folder = folder
+                return None
+            self._refresh_newest(dir_fd, folder, changes)
+        except _FullPassNeeded:
             return self.run(dir_fd)
-        changed = [entry for entry in changed if folder.entries.get(entry.name) is entry]
+        changed = [entry for entry in changes.entries if folder.entries.get(entry.name) is entry]
 
         names_changed = {entry.name for entry in changed}
         tracked = [
@@ -261,48 +250,54 @@ class Pruner:
             if name in folder.entries and name not in names_changed
         ]
         self._report_invalid(changed + tracked, folder.verdicts, started)
-        arrivals = self._note_arrivals(folder, changed, removed)
+        arrivals = self._note_arrivals(folder, changed, changes.removed)
         targets = resolve_links(dir_fd, sorted(folder.link_names)) if folder.link_names else {}
         link_targets = self._remember_links(targets, started)
         self._passes += 1
-        entries = [entry for key in sorted(series) for entry in folder.series_entries(key)]
+        entries = [entry for key in sorted(changes.series) for entry in folder.series_entries(key)]
         plan = plan_retention(entries, folder.verdicts, link_targets, self.policy, arrivals)
         summary = self._carry_out(plan, dir_fd, folder, started, partial=True)
         self._folder = folder
         return dataclasses.replace(summary, names=len(names))
 
-    def _take_in(self, dir_fd, folder, old, entry, changed, removed, series) -> None:
-        """Replace `old` (the model's entry of a name, or None) with `entry` (a fresh lookup).
+    def _look_up(self, dir_fd: int, folder: _FolderModel, name: str, changes: _Changes) -> None:
+        """Look `name` up again and bring the folder model up to date with it.
 
-        Nothing changes when both are the same file version with the same verdict.
+        Raise _FullPassNeeded when the name is, or was, a symlink.
         """
-        verdict = None if entry is None else self.cache.check(dir_fd, entry.name, entry.stat)
+        changes.looked_up.add(name)
+        entry = lookup(dir_fd, name, self.matcher)
+        if name in folder.link_names or (entry is not None and entry.kind is Kind.LINK):
+            raise _FullPassNeeded
+        if entry is not None and entry.kind is not Kind.CHECKPOINT:
+            entry = None
+        old = folder.entries.get(name)
+        verdict = None if entry is None else self.cache.check(dir_fd, name, entry.stat)
         if (
             old is not None
             and entry is not None
             and stat_key(old.stat) == stat_key(entry.stat)
-            and verdict == folder.verdicts[old.name]
+            and verdict == folder.verdicts[name]
         ):
             return
         if old is not None:
             folder.remove(old)
-            removed.add((old.name, old.stat.st_ino))
-            series.add(old.series)
+            changes.removed.add((old.name, old.stat.st_ino))
+            changes.series.add(old.series)
         if entry is not None:
             folder.add(entry, verdict)
-            changed.append(entry)
-            series.add(entry.series)
+            changes.entries.append(entry)
+            changes.series.add(entry.series)
 
-    def _refresh_newest(self, dir_fd, folder, series, changed, removed) -> bool:
+    def _refresh_newest(self, dir_fd: int, folder: _FolderModel, changes: _Changes) -> None:
         """Look again at the files that count among the newest of each series to be planned.
 
         The inotify observer reports a file rewritten in place only when its writer closes it,
         so a file the model counts among the newest valid ones may be half rewritten by now.
         From the highest step down to the keep_last-th valid file that is not a milestone, each
-        file is looked up again and taken in if it changed. Return False when one of them has
-        become a symlink, which calls for a full pass.
+        file not looked up in this pass yet is looked up again.
         """
-        for key in sorted(series):
+        for key in sorted(changes.series):
             entries = sorted(
                 folder.series_entries(key), key=lambda e: (e.step, e.name), reverse=True
             )
@@ -310,12 +305,8 @@ class Pruner:
             for old in entries:
                 if counted >= self.policy.keep_last:
                     break
-                entry = lookup(dir_fd, old.name, self.matcher)
-                if entry is not None and entry.kind is Kind.LINK:
-                    return False
-                if entry is not None and entry.kind is not Kind.CHECKPOINT:
-                    entry = None
-                self._take_in(dir_fd, folder, old, entry, changed, removed, series)
+                if old.name not in changes.looked_up:
+                    self._look_up(dir_fd, folder, old.name, changes)
                 current = folder.entries.get(old.name)
                 if (
                     current is not None
@@ -323,7 +314,6 @@ class Pruner:
                     and not self.policy.is_milestone(current.step)
                 ):
                     counted += 1
-        return True
 
     def _carry_out(
         self,
@@ -519,6 +509,24 @@ def _warn_rollback(entry: Entry, highest: int) -> None:
         highest,
         entry.series,
     )
+
+
+class _FullPassNeeded(Exception):
+    """A pass over names met a symlink, which changes what is protected: list the folder."""
+
+
+@dataclass
+class _Changes:
+    """Changes that a pass over names found in the folder model."""
+
+    entries: list[Entry] = field(default_factory=list)
+    """Entries taken in, new or replacing an older version of their name."""
+    removed: set[tuple[str, int]] = field(default_factory=set)
+    """(name, inode) keys of the entries replaced or gone."""
+    series: set[str] = field(default_factory=set)
+    """Series of all of those, which the pass plans again."""
+    looked_up: set[str] = field(default_factory=set)
+    """Names looked up in this pass."""
 
 
 class _FolderModel:
