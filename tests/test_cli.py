@@ -273,3 +273,19 @@ def test_interrupted_deletion_is_restored(folder: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert names(folder) == {ck(400), ck(500), ".ckpt-watcher.lock"}
     assert f"restored '{ck(500)}'" in result.stderr
+
+
+@pytest.mark.parametrize("created", [1_700_000_000.0, 1_700_000_000.999, 1_700_000_001.25])
+def test_text_log_time_matches_the_standard_format(created: float) -> None:
+    """The text formatter reuses the time of the last second; it must print what logging does."""
+    import logging
+
+    from watcher.logs import TextFormatter
+
+    formatter = TextFormatter()
+    standard = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for offset in (0.0, 0.5, 1.0):
+        record = logging.LogRecord("watcher", logging.INFO, "", 0, "message", (), None)
+        record.created = created + offset
+        record.msecs = (record.created - int(record.created)) * 1000
+        assert formatter.format(record) == standard.format(record)

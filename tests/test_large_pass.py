@@ -20,16 +20,16 @@ def ck(step: int) -> str:
     return f"model_v2_step{step}_20250101_000000_s1.pt"
 
 
-def build(folder: Path, samples: Samples) -> set[str]:
+def build(folder: Path, samples: Samples, count: int = COUNT) -> set[str]:
     """Fill the folder and return the names the rules keep (keep_last 2)."""
-    for step in range(1, COUNT + 1):
+    for step in range(1, count + 1):
         data = samples.truncated if step % INVALID_EVERY == 0 else samples.valid
         write_file(folder / ck(step), data)
-    write_file(folder / ck(COUNT + 1), samples.truncated)  # newest of all, and invalid
+    write_file(folder / ck(count + 1), samples.truncated)  # newest of all, and invalid
     (folder / "best.pt").symlink_to(ck(LINKED))
-    invalid = {ck(s) for s in range(1, COUNT + 2) if s % INVALID_EVERY == 0 or s == COUNT + 1}
-    milestones = {ck(s) for s in range(MILESTONE_EVERY, COUNT + 1, MILESTONE_EVERY)}
-    newest = [s for s in range(COUNT, 0, -1) if s % INVALID_EVERY and s % MILESTONE_EVERY][:2]
+    invalid = {ck(s) for s in range(1, count + 2) if s % INVALID_EVERY == 0 or s == count + 1}
+    milestones = {ck(s) for s in range(MILESTONE_EVERY, count + 1, MILESTONE_EVERY)}
+    newest = [s for s in range(count, 0, -1) if s % INVALID_EVERY and s % MILESTONE_EVERY][:2]
     return invalid | milestones | {ck(s) for s in newest} | {ck(LINKED), "best.pt"}
 
 

@@ -19,6 +19,7 @@ from watcher.config import (
     build_policy,
     read_config_file,
 )
+from watcher.deleters import process_count
 from watcher.lock import LockError, acquire_lock
 from watcher.logs import configure_logging
 from watcher.passes import FolderError, Pruner, open_folder
@@ -36,8 +37,8 @@ exit status:
   0  done (with --once: the pass finished and every deletion succeeded;
      without it: stopped by SIGTERM or SIGINT)
   1  runtime failure: the folder is missing or not a folder (with --once), another
-     watcher holds the folder's lock, a deletion failed (with --once), or the
-     daemon could not keep its observer running
+     watcher holds the folder's lock, a deletion failed or a deleting process died
+     (with --once), or the daemon could not keep its observer running
   2  invalid arguments or configuration; nothing was deleted
   130  --once interrupted by SIGINT (Ctrl-C); the pass stopped part way
 
@@ -192,7 +193,7 @@ def run_once(policy: Policy) -> int:
     try:
         lock_fd = _lock_for_once(dir_fd, policy)
         try:
-            summary = Pruner(policy, report=print).run(dir_fd)
+            summary = Pruner(policy, report=print, processes=process_count()).run(dir_fd)
         except KeyboardInterrupt:
             log.error("interrupted: the pass stopped part way; files not reached are untouched")
             return EXIT_INTERRUPTED

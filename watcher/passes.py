@@ -95,6 +95,8 @@ class Pruner:
     each series. In the first pass nothing counts as an arrival, so a single pass (--once) follows
     the step order alone. `invalid_report_delay` is how long an invalid file must stay unchanged
     before it is reported as a warning; 0 reports it at once, as a one-shot run wants.
+    `processes` above 1 lets a full pass delete from that many forked processes; only a caller
+    with no other thread running may ask for it.
 
     run() lists the whole folder. run_changed() looks only at the names that events reported and
     plans only their series again, from the folder as the last pass left it; it falls back to run()
@@ -107,8 +109,10 @@ class Pruner:
         report: Callable[[str], None] | None = None,
         invalid_report_delay: float = 0.0,
         settle_seconds: float = 1.0,
+        processes: int = 1,
     ) -> None:
         self.policy = policy
+        self.processes = processes
         self.report = report or (lambda message: log.info("%s", message))
         self.matcher = NameMatcher(policy.pattern)
         self.cache = ValidityCache(settle_seconds=settle_seconds)
@@ -168,20 +172,22 @@ class Pruner:
         folder = _FolderModel(checkpoints, verdicts, links)
         plan = plan_retention(checkpoints, verdicts, link_targets, self.policy, arrivals)
 
-        def confirm(decision) -> bool:
-            """Check a deferred file just before its deletion; an invalid one is kept."""
+        def confirm(decision) -> Verdict | None:
+            """Check a deferred file just before its deletion; return the verdict to keep it."""
             entry = decision.entry
             if entry.name not in deferred:
-                return True
+                return None
             verdict = self.cache.check(dir_fd, entry.name, entry.stat)
-            if not verdict.valid and not _unchanged_since_scan(dir_fd, entry):
-                return True  # gone or replaced: the deletion finds it out and reports it
-            verdicts[entry.name] = folder.verdicts[entry.name] = verdict
-            if not verdict.valid:
-                self._valid_seen.discard((entry.name, entry.stat.st_ino))
-            return verdict.valid
+            if verdict.valid or not _unchanged_since_scan(dir_fd, entry):
+                return None  # valid, or gone or replaced: the deletion finds that out
+            return verdict
 
-        summary = self._carry_out(plan, dir_fd, folder, started, partial=False, confirm=confirm)
+        summary, kept_invalid = self._carry_out(
+            plan, dir_fd, folder, started, partial=False, confirm=confirm
+        )
+        for name, verdict in kept_invalid.items():
+            verdicts[name] = folder.verdicts[name] = verdict
+            self._valid_seen.discard((name, folder.entries[name].stat.st_ino))
         self._report_invalid(checkpoints, verdicts, started)
         self._folder = folder
         return dataclasses.replace(summary, invalid=len(self._invalid_since))
@@ -256,7 +262,7 @@ class Pruner:
         self._passes += 1
         entries = [entry for key in sorted(changes.series) for entry in folder.series_entries(key)]
         plan = plan_retention(entries, folder.verdicts, link_targets, self.policy, arrivals)
-        summary = self._carry_out(plan, dir_fd, folder, started, partial=True)
+        summary, _ = self._carry_out(plan, dir_fd, folder, started, partial=True)
         self._folder = folder
         return dataclasses.replace(summary, names=len(names))
 
@@ -323,14 +329,19 @@ class Pruner:
         started: float,
         partial: bool,
         confirm: Callable | None = None,
-    ) -> PassSummary:
-        """Log the plan, delete what it prunes, update the folder model and summarise."""
+    ) -> tuple[PassSummary, dict[str, Verdict]]:
+        """Log the plan, delete what it prunes, update the folder model and summarise.
+
+        Also return the files that `confirm` kept as invalid, with their verdicts.
+        """
         for decision in plan.kept:
             log.debug(
                 "keep %r (step %s): %s", decision.entry.name, decision.entry.step, decision.reason
             )
         total = len(folder.entries)
-        result = execute_plan(plan, dir_fd, self.policy.dry_run, confirm)
+        # Only a full pass may fork: a pass over names runs in the daemon, beside its threads.
+        processes = 1 if partial else self.processes
+        result = execute_plan(plan, dir_fd, self.policy.dry_run, confirm, processes)
         for name in result.gone:
             entry = folder.entries.get(name)
             if entry is not None:
@@ -338,9 +349,9 @@ class Pruner:
                 # The inode may be reused by a later file of the same name.
                 self._valid_seen.discard((name, entry.stat.st_ino))
         self._report_outcome(plan, result, partial)
-        return PassSummary(
+        summary = PassSummary(
             checkpoints=total,
-            kept=total - len(plan.pruned) + len(result.not_confirmed),
+            kept=total - len(plan.pruned) + len(result.kept_invalid),
             pruned=result.pruned,
             bytes_freed=result.bytes_freed,
             invalid=len(self._invalid_since),
@@ -349,6 +360,7 @@ class Pruner:
             seconds=time.monotonic() - started,
             dry_run=self.policy.dry_run,
         )
+        return summary, result.kept_invalid
 
     def _note_arrivals(
         self, folder: _FolderModel, changed: list[Entry], removed: set[tuple[str, int]]
@@ -476,7 +488,7 @@ class Pruner:
         """
         reported = set(self._reported) if partial else set()
         if self.policy.dry_run:
-            kept = set(result.not_confirmed)
+            kept = result.kept_invalid
             for decision in plan.pruned:
                 if decision.entry.name in kept:
                     continue

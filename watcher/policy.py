@@ -86,13 +86,16 @@ def _plan_series(
     policy: Policy,
     arrivals: set[str],
 ) -> list[Decision]:
-    newest = [
-        entry
-        for entry in reversed(entries)
-        if _is_valid(entry, verdicts) and not policy.is_milestone(entry.step)
-    ][: policy.keep_last]
+    newest: list[Entry] = []
+    for entry in reversed(entries):
+        if len(newest) == policy.keep_last:
+            break
+        if _is_valid(entry, verdicts) and not policy.is_milestone(entry.step):
+            newest.append(entry)
     newest_names = {entry.name for entry in newest}
-    oldest_kept_step = newest[-1].step if newest else None
+    prune_reason = f"older than the newest {valid_checkpoints(policy.keep_last)} of its series"
+    if newest:
+        prune_reason += f" (the oldest of those is step {newest[-1].step})"
 
     decisions = []
     for entry in entries:
@@ -100,11 +103,6 @@ def _plan_series(
         if reason is not None:
             decisions.append(Decision(entry, Action.KEEP, reason))
         else:
-            prune_reason = (
-                f"older than the newest {valid_checkpoints(policy.keep_last)} of its series"
-            )
-            if oldest_kept_step is not None:
-                prune_reason += f" (the oldest of those is step {oldest_kept_step})"
             decisions.append(Decision(entry, Action.PRUNE, prune_reason))
     return decisions
 

@@ -9,7 +9,9 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from watcher.deleters import ForkFailed, can_fork, run_spread
 from watcher.policy import Decision, Plan
+from watcher.validity import Verdict
 
 log = logging.getLogger(__name__)
 
@@ -28,38 +30,98 @@ class PruneResult:
     """Deletions that failed, with the error, for the caller to report."""
     gone: list[str] = field(default_factory=list)
     """Names deleted by this plan, or found gone already."""
-    not_confirmed: list[str] = field(default_factory=list)
-    """Names the plan prunes that the confirm callback kept, because the file is invalid."""
+    kept_invalid: dict[str, Verdict] = field(default_factory=dict)
+    """Files the plan prunes that the confirm callback kept, because they are invalid."""
+    errors: list[str] = field(default_factory=list)
+    """Failures not tied to one file, such as a deleting process that died."""
 
     @property
     def failed(self) -> int:
-        return len(self.failures)
+        return len(self.failures) + len(self.errors)
+
+    def add(self, other: PruneResult) -> None:
+        self.pruned += other.pruned
+        self.bytes_freed += other.bytes_freed
+        self.skipped += other.skipped
+        self.failures += other.failures
+        self.gone += other.gone
+        self.kept_invalid.update(other.kept_invalid)
+        self.errors += other.errors
 
 
 def execute_plan(
     plan: Plan,
     dir_fd: int,
     dry_run: bool,
-    confirm: Callable[[Decision], bool] | None = None,
+    confirm: Callable[[Decision], Verdict | None] | None = None,
+    processes: int = 1,
 ) -> PruneResult:
     """Delete each file the plan prunes, logging the file, its step, series, reason and size.
 
     A file that is gone already is skipped quietly, one that changed since the scan is left for the
     next pass, and a failed deletion is recorded in the result and the rest of the plan still runs.
     A dry run deletes nothing and only counts what would go. `confirm`, when given, is called for
-    each file just before its deletion, and a file it returns False for is kept.
+    each file just before its deletion; a file it returns a verdict for is kept as invalid.
+
+    With `processes` above 1, a large plan is carried out by that many forked processes (see
+    watcher.deleters); the caller must have no other thread running.
     """
-    # Deletions run one after another: spread over threads, they made a large pass slower,
-    # because each thread's Python work between system calls keeps the others waiting.
+    if not dry_run and can_fork(processes, len(plan.pruned)):
+        try:
+            return _execute_spread(plan, dir_fd, confirm, processes)
+        except ForkFailed as error:
+            log.warning("%s; deleting from this process alone", error.strerror)
     result = PruneResult()
     for decision in plan.pruned:
-        if confirm is not None and not confirm(decision):
-            result.not_confirmed.append(decision.entry.name)
-        elif dry_run:
-            result.pruned += 1
-            result.bytes_freed += decision.entry.stat.st_size
-        else:
-            _prune_one(decision, dir_fd, result)
+        _execute_one(decision, dir_fd, dry_run, confirm, result)
+    return result
+
+
+def _execute_one(
+    decision: Decision, dir_fd: int, dry_run: bool, confirm, result: PruneResult
+) -> None:
+    if confirm is not None:
+        verdict = confirm(decision)
+        if verdict is not None:
+            result.kept_invalid[decision.entry.name] = verdict
+            return
+    if dry_run:
+        result.pruned += 1
+        result.bytes_freed += decision.entry.stat.st_size
+    else:
+        _prune_one(decision, dir_fd, result)
+
+
+def _execute_spread(plan: Plan, dir_fd: int, confirm, processes: int) -> PruneResult:
+    """Check each file here and have forked processes delete the ones that pass."""
+    decisions = plan.pruned
+    # This process keeps the files the check keeps; each deleting process fills its own copy,
+    # forked while still empty, and sends it back.
+    own = PruneResult()
+
+    def feed():
+        for index, decision in enumerate(decisions):
+            if confirm is not None:
+                verdict = confirm(decision)
+                if verdict is not None:
+                    own.kept_invalid[decision.entry.name] = verdict
+                    continue
+            yield index
+
+    log.info(
+        "checking %d files here and deleting the valid ones from %d processes",
+        len(decisions),
+        processes,
+    )
+    reports, lost = run_spread(
+        feed(), processes, lambda index: _prune_one(decisions[index], dir_fd, own), lambda: own
+    )
+    result = own
+    for report in reports:
+        result.add(report)
+    for message in lost:
+        log.error("%s", message)
+        result.errors.append(message)
     return result
 
 

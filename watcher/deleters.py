@@ -1,0 +1,276 @@
+"""Spread the deletions of a large one-shot pass over forked processes.
+
+A large pass spends its time in the validity check of each file just before its deletion, and
+in the kernel, renaming and unlinking. On an ext4 disk an unlink also waits for the journal, and
+waits in several processes overlap. Threads cannot share the work, since the Python code between
+the system calls holds the interpreter lock; forked processes can. The main process checks each
+file and hands the ones to delete, as their indexes in the plan, to a few deleting processes
+through one pipe. Each deletes and logs the files it takes, then sends its counts back through a
+pipe of its own.
+
+Forking is only safe with no other thread running, so the daemon, whose observer runs threads,
+never gets here: only --once does.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import signal
+import struct
+import sys
+import threading
+from collections.abc import Callable, Iterable
+
+log = logging.getLogger(__name__)
+
+MIN_FILES = 1000
+"""Plans that prune fewer files run in one process: forking would cost more than it saves."""
+
+MAX_PROCESSES = 3
+
+_INDEX = struct.Struct("=I")
+_BATCH = 16
+"""Indexes per write. A write of at most PIPE_BUF bytes is atomic and every write contains whole
+indexes, so a read of a multiple of their size returns whole ones, whichever process makes it."""
+_READ_BYTES = 4 * _INDEX.size
+"""At most 4 indexes per read: fewer reads, while the processes still share the work evenly."""
+
+_PR_SET_PDEATHSIG = 1
+
+
+def process_count() -> int:
+    """How many processes a large one-shot pass should delete from: 1 means no forking.
+
+    The main process keeps one core busy with checks. The deleting processes spend much of their
+    time waiting on the disk, so there is one more of them than cores, up to MAX_PROCESSES.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return 1 if cores < 2 else min(MAX_PROCESSES, cores + 1)
+
+
+def can_fork(processes: int, files: int) -> bool:
+    """Return whether a plan of `files` deletions should be spread over `processes` processes."""
+    return (
+        processes > 1
+        and files >= MIN_FILES
+        and hasattr(os, "fork")
+        and threading.active_count() == 1
+    )
+
+
+class ForkFailed(OSError):
+    """A deleting process could not be started; nothing was deleted by any of them."""
+
+
+def run_spread(
+    feed: Iterable[int],
+    processes: int,
+    work: Callable[[int], None],
+    report: Callable[[], object],
+) -> tuple[list[object], list[str]]:
+    """Run `work(index)` in forked processes for every index that `feed` yields.
+
+    `feed` runs in this process, while the processes work through the indexes it has yielded.
+    When they are done, each sends what `report()` returns in it (it must pickle) back to this
+    process. A failed fork raises ForkFailed before `feed` starts, with nothing done. Return the
+    reports and a message for each process that did not finish its share. On KeyboardInterrupt
+    in this process, every process gets SIGTERM and stops after the file in hand; their reports are
+    collected and the interrupt is raised again.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    queue_read, queue_write = os.pipe()
+    children: list[_Child] = []
+    try:
+        try:
+            for _ in range(processes):
+                _fork(queue_read, queue_write, work, report, children)
+        except OSError as error:
+            os.close(queue_write)
+            queue_write = -1
+            _collect(children)
+            raise ForkFailed(error.errno, f"cannot start a deleting process: {error}") from None
+        finally:
+            os.close(queue_read)
+        try:
+            lost = _send(feed, queue_write)
+        finally:
+            os.close(queue_write)
+            queue_write = -1
+        reports, more = _collect(children)
+        return reports, lost + more
+    except ForkFailed:
+        raise
+    except BaseException:
+        if queue_write >= 0:
+            os.close(queue_write)
+        _stop(children)
+        _collect(children)
+        raise
+
+
+def _send(feed: Iterable[int], queue_write: int) -> list[str]:
+    """Write the indexes from `feed` into the queue in small batches."""
+    batch = bytearray()
+    try:
+        for index in feed:
+            batch += _INDEX.pack(index)
+            if len(batch) >= _BATCH * _INDEX.size:
+                _write_all(queue_write, batch)
+                batch.clear()
+        if batch:
+            _write_all(queue_write, batch)
+    except BrokenPipeError:
+        return ["no deleting process is left, so the pass stopped; files not reached are untouched"]
+    return []
+
+
+def _write_all(fd: int, data: bytes | bytearray) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+class _Child:
+    """A forked process and the pipe its report comes back through."""
+
+    def __init__(self, pid: int, read_fd: int) -> None:
+        self.pid = pid
+        self.read_fd = read_fd
+        self.data = bytearray()
+        self.status: int | None = None
+
+
+def _fork(queue_read: int, queue_write: int, work, report, children: list[_Child]) -> None:
+    """Fork one deleting process and add it to `children`.
+
+    SIGINT and SIGTERM are held back until the new process has set its handlers and this one
+    has recorded it, so an interrupt cannot leave a process running unrecorded.
+    """
+    read_fd, write_fd = os.pipe()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        try:
+            pid = os.fork()
+        except OSError:
+            os.close(read_fd)
+            os.close(write_fd)
+            raise
+        if pid == 0:  # the new process: it must never return into the caller's code
+            try:
+                os.close(queue_write)
+                os.close(read_fd)
+                for child in children:
+                    os.close(child.read_fd)
+                _serve(queue_read, work, report, write_fd, previous)
+            finally:
+                os._exit(1)
+        os.close(write_fd)
+        children.append(_Child(pid, read_fd))
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _serve(queue_read: int, work, report, write_fd: int, mask) -> None:
+    """Work through the indexes from the queue, stopping between files on SIGINT or SIGTERM."""
+    stop: list[int] = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda number, frame: stop.append(number))
+    parent = os.getppid()
+    _stop_with_parent()
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    error_text = None
+    try:
+        if os.getppid() != parent:
+            stop.append(signal.SIGTERM)
+        while not stop:
+            data = os.read(queue_read, _READ_BYTES)
+            if not data:
+                break
+            while len(data) % _INDEX.size:  # never expected: writes are atomic
+                more = os.read(queue_read, _INDEX.size - len(data) % _INDEX.size)
+                if not more:
+                    raise EOFError("the queue ended inside an index")
+                data += more
+            for (index,) in _INDEX.iter_unpack(data):
+                if stop:
+                    break
+                work(index)
+    except BaseException as error:  # noqa: BLE001 - sent to the main process, which logs it
+        error_text = f"{type(error).__name__}: {error}"
+    try:
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        _write_all(write_fd, pickle.dumps((report(), error_text), pickle.HIGHEST_PROTOCOL))
+    finally:
+        os._exit(0 if error_text is None else 1)
+
+
+def _stop_with_parent() -> None:
+    """Ask the kernel for SIGTERM when the main process dies, so no deletion outlives it."""
+    try:
+        import ctypes  # here, so that the daemon never loads it
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # without it, a process still stops once the queue is empty
+
+
+def _stop(children: list[_Child]) -> None:
+    for child in children:
+        if child.status is None:
+            try:
+                os.kill(child.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+
+def _collect(children: list[_Child]) -> tuple[list[object], list[str]]:
+    """Read each process's report to the end and reap it.
+
+    Safe to call again after an interrupt: what was read so far stays with each process.
+    """
+    for child in children:
+        while child.read_fd >= 0:
+            chunk = os.read(child.read_fd, 1 << 20)
+            if chunk:
+                child.data += chunk
+            else:
+                os.close(child.read_fd)
+                child.read_fd = -1
+        if child.status is None:
+            child.status = os.waitpid(child.pid, 0)[1]
+    reports: list[object] = []
+    lost: list[str] = []
+    for child in children:
+        received = _unpickle(child.data)
+        if received is not None:
+            report, error_text = received
+            reports.append(report)
+            if error_text is not None:
+                lost.append(f"deleting process {child.pid} stopped early: {error_text}")
+            continue
+        status = child.status
+        if os.WIFSIGNALED(status):
+            how = f"was killed by signal {os.WTERMSIG(status)}"
+        else:
+            how = f"exited with status {os.waitstatus_to_exitcode(status)}"
+        lost.append(
+            f"deleting process {child.pid} {how} before it reported: its deletions are logged, "
+            "but missing from the counts; files it had not reached are untouched"
+        )
+    return reports, lost
+
+
+def _unpickle(data: bytearray):
+    """Return the (report, error) pair a process sent, or None if it died before sending it all."""
+    try:
+        return pickle.loads(data)
+    except (pickle.UnpicklingError, EOFError, ValueError):
+        return None
