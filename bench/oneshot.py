@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -87,16 +88,33 @@ def variants(folder: Path) -> dict[str, callable]:
     }
 
 
-def measure(folder: Folder, rounds: int) -> tuple[dict[str, list[float]], list[str]]:
+def _cpu_seconds() -> float:
+    """User and system time of this process and of every child it has waited for."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def measure(
+    folder: Folder, rounds: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]], list[str]]:
+    """Return the wall times and the CPU times of every variant, and any wrong outcome.
+
+    The CPU time counts every process of a variant, the watcher's deleting processes too, since
+    each is waited for by its parent.
+    """
     actions = variants(folder.path)
     errors = []
+    cpu: dict[str, list[float]] = {name: [] for name in actions}
 
     def timed(name: str):
         def run() -> float:
             folder.rebuild()
+            cpu_before = _cpu_seconds()
             started = time.perf_counter()
             actions[name]()
             elapsed = time.perf_counter() - started
+            cpu[name].append(_cpu_seconds() - cpu_before)
             if folder.survivors() != folder.expected():
                 errors.append(f"{name} left {len(folder.survivors())} files")
             return elapsed
@@ -104,7 +122,7 @@ def measure(folder: Folder, rounds: int) -> tuple[dict[str, list[float]], list[s
         return run
 
     samples = lib.interleave({name: timed(name) for name in actions}, rounds)
-    return samples, errors
+    return samples, cpu, errors
 
 
 def phase_costs(parent: Path, data: bytes, count: int, rounds: int) -> dict[str, dict]:
@@ -206,11 +224,12 @@ def main(argv=None) -> int:
         started = time.perf_counter()
         folder.rebuild()
         build_seconds = time.perf_counter() - started
-        samples, errors = measure(folder, rounds)
+        samples, cpu, errors = measure(folder, rounds)
         phases = phase_costs(parent, data, 1_000 if args.quick else 10_000, rounds + 2)
     startup = start_up(rounds * 5)
 
     summaries = {name: lib.summarize(values) for name, values in samples.items()}
+    cpu_summaries = {name: lib.summarize(values) for name, values in cpu.items()}
     watcher_process = summaries["watcher --once (process)"]
     watcher_pass = summaries["watcher --once (in-process)"]
     targets = {
@@ -239,6 +258,7 @@ def main(argv=None) -> int:
         "rounds": rounds,
         "build_seconds": build_seconds,
         "summaries": summaries,
+        "cpu_summaries": cpu_summaries,
         "start_up": startup,
         "phases_seconds_per_file": phases,
         "errors": errors,
@@ -257,6 +277,10 @@ def main(argv=None) -> int:
         lib.table_ms(process, "watcher --once (process)"),
         "",
         lib.table_ms(in_process, "watcher --once (in-process)"),
+        "",
+        "CPU time of each run, user and system, over all of its processes:",
+        "",
+        lib.table_ms(cpu_summaries, "glob+mtime sort (process)"),
         "",
         "Parts of a pass, in ms per file (each on a freshly built folder, interleaved):",
         "",
