@@ -285,3 +285,21 @@ def test_daemon_never_forks(folder: Path, samples: Samples, start_watcher) -> No
     assert SPREAD_LINE not in watcher_process.log
     assert visible(folder) == {ck(SPREAD_COUNT - 1), ck(SPREAD_COUNT)}
     assert watcher_process.stop() == 0
+
+
+def test_sigterm_to_a_deleting_process_is_reported(
+    folder: Path, samples: Samples, tmp_path: Path
+) -> None:
+    """A deleting process stopped on its own leaves its queued files; the pass must say so."""
+    log_path = tmp_path / "once.log"
+    process, children = start_big_pass(folder, samples, log_path)
+
+    os.kill(children[0], signal.SIGTERM)
+    status = process.wait(120)
+
+    log = log_path.read_text()
+    assert status == 1, log[-2000:]
+    assert f"deleting process {children[0]} stopped early: stopped by SIGTERM" in log
+    assert "failed to delete" in log.splitlines()[-1]
+    assert not hidden(folder)
+    finish_and_compare(folder)

@@ -188,9 +188,11 @@ def _serve(queue_read: int, work, report, write_fd: int, mask) -> None:
     try:
         if os.getppid() != parent:
             stop.append(signal.SIGTERM)
+        drained = False
         while not stop:
             data = os.read(queue_read, _READ_BYTES)
             if not data:
+                drained = True
                 break
             while len(data) % _INDEX.size:  # never expected: writes are atomic
                 more = os.read(queue_read, _INDEX.size - len(data) % _INDEX.size)
@@ -201,6 +203,9 @@ def _serve(queue_read: int, work, report, write_fd: int, mask) -> None:
                 if stop:
                     break
                 work(index)
+        if not drained:
+            name = signal.Signals(stop[0]).name
+            error_text = f"stopped by {name}; the files it had taken from the queue are untouched"
     except BaseException as error:  # noqa: BLE001 - sent to the main process, which logs it
         error_text = f"{type(error).__name__}: {error}"
     try:
