@@ -250,7 +250,10 @@ def _collect(children: list[_Child]) -> tuple[list[object], list[str]]:
                 os.close(child.read_fd)
                 child.read_fd = -1
         if child.status is None:
-            child.status = os.waitpid(child.pid, 0)[1]
+            try:
+                child.status = os.waitpid(child.pid, 0)[1]
+            except ChildProcessError:
+                child.status = 0  # reaped by a call that an interrupt cut short
     reports: list[object] = []
     lost: list[str] = []
     for child in children:
