@@ -275,6 +275,21 @@ def test_interrupted_deletion_is_restored(folder: Path) -> None:
     assert f"restored '{ck(500)}'" in result.stderr
 
 
+def test_other_hidden_prefix_names_stay(folder: Path) -> None:
+    """Only a regular file with a checkpoint name behind the prefix is the watcher's to restore."""
+    prefix = ".ckpt-watcher.pruning."
+    (folder / f"{prefix}somedir").mkdir()
+    (folder / f"{prefix}notes.txt").write_text("kept")
+    (folder / f"{prefix}{ck(7)}").symlink_to("/etc/hostname")
+    hidden = {f"{prefix}somedir", f"{prefix}notes.txt", f"{prefix}{ck(7)}"}
+
+    result = run_watcher(str(folder), "--once")
+
+    assert result.returncode == 0, result.stderr
+    assert names(folder) == hidden | {ck(400), ck(500), ".ckpt-watcher.lock"}
+    assert "restored" not in result.stderr
+
+
 @pytest.mark.parametrize("created", [1_700_000_000.0, 1_700_000_000.999, 1_700_000_001.25])
 def test_text_log_time_matches_the_standard_format(created: float) -> None:
     """The text formatter reuses the time of the last second; it must print what logging does."""

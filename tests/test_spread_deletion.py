@@ -45,6 +45,20 @@ def folder(tmp_path: Path) -> Path:
     return path
 
 
+_STARTED: list[int] = []
+
+
+@pytest.fixture(autouse=True)
+def _kill_leftovers():
+    """Kill the process group of every pass a test started, so a hung pass cannot outlive it."""
+    yield
+    while _STARTED:
+        try:
+            os.killpg(_STARTED.pop(), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def visible(folder: Path) -> set[str]:
     return set(os.listdir(folder)) - {".ckpt-watcher.lock"}
 
@@ -84,20 +98,28 @@ def alive(pid: int) -> bool:
     return stat[stat.rindex(")") + 2] != "Z"
 
 
-def start_big_pass(folder: Path, samples: Samples, log_path: Path):
-    """Fill the folder with BIG_COUNT files and start `--once` in its own session, as a shell
+def start_big_pass(
+    folder: Path,
+    samples: Samples,
+    log_path: Path,
+    deleted: int = 20,
+    count: int = BIG_COUNT,
+    ignore_sigint: bool = False,
+):
+    """Fill the folder with `count` files and start `--once` in its own session, as a shell
     starts a foreground job. Return the process and the ids of its deleting processes, once
-    they have logged 20 deletions."""
-    fill(folder, samples, BIG_COUNT)
+    they have logged `deleted` deletions. `ignore_sigint` starts it with SIGINT ignored, as a
+    script starts a job with `&`."""
+    fill(folder, samples, count)
+    command = [sys.executable, "-m", "watcher", str(folder), "--once", "--keep-last", "2"]
+    if ignore_sigint:
+        command = ["sh", "-c", 'trap "" INT; exec "$@"', "sh", *command]
     with open(log_path, "w") as log_file:
         process = subprocess.Popen(
-            [sys.executable, "-m", "watcher", str(folder), "--once", "--keep-last", "2"],
-            cwd=REPO,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+            command, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
         )
-    assert wait_until(lambda: log_path.read_text().count("pruned 'model") >= 20, 30), (
+    _STARTED.append(process.pid)
+    assert wait_until(lambda: log_path.read_text().count("pruned 'model") >= deleted, 30), (
         log_path.read_text()[-2000:]
     )
     children = children_of(process.pid)
@@ -105,11 +127,11 @@ def start_big_pass(folder: Path, samples: Samples, log_path: Path):
     return process, children
 
 
-def finish_and_compare(folder: Path) -> None:
+def finish_and_compare(folder: Path, count: int = BIG_COUNT) -> None:
     """A second pass must leave exactly the newest 2, with no hidden name left."""
     result = run_watcher(str(folder), "--once", "--keep-last", "2", timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert visible(folder) == {ck(BIG_COUNT - 1), ck(BIG_COUNT)}
+    assert visible(folder) == {ck(count - 1), ck(count)}
 
 
 def test_spread_pass_keeps_what_the_rules_keep(folder: Path, samples: Samples) -> None:
@@ -238,7 +260,7 @@ def test_killed_deleting_process_is_reported(
     log = log_path.read_text()
     assert status == 1, log[-2000:]
     assert f"deleting process {children[0]} was killed by signal 9" in log
-    assert "failed to delete" in log.splitlines()[-1]
+    assert "1 deleting process stopped early" in log.splitlines()[-1]
     # The others went on: only the files the killed process had taken from the queue may be
     # left, visible or hidden, besides the newest 2.
     queued = watcher.deleters._READ_BYTES // 4
@@ -290,7 +312,7 @@ def test_daemon_never_forks(folder: Path, samples: Samples, start_watcher) -> No
 def test_sigterm_to_a_deleting_process_is_reported(
     folder: Path, samples: Samples, tmp_path: Path
 ) -> None:
-    """A deleting process stopped on its own leaves its queued files; the pass must say so."""
+    """A deleting process stopped on its own leaves its queued files; the pass must report it."""
     log_path = tmp_path / "once.log"
     process, children = start_big_pass(folder, samples, log_path)
 
@@ -300,6 +322,57 @@ def test_sigterm_to_a_deleting_process_is_reported(
     log = log_path.read_text()
     assert status == 1, log[-2000:]
     assert f"deleting process {children[0]} stopped early: stopped by SIGTERM" in log
-    assert "failed to delete" in log.splitlines()[-1]
+    assert "1 deleting process stopped early" in log.splitlines()[-1]
     assert not hidden(folder)
     finish_and_compare(folder)
+
+
+def test_all_deleting_processes_stopped(folder: Path, samples: Samples, tmp_path: Path) -> None:
+    """Reports larger than a pipe's buffer, sent while the main process still fills the queue,
+    must not leave both sides waiting on each other."""
+    log_path = tmp_path / "once.log"
+    # 6,000 deleted names make reports above 64 KiB, and the 34,000 files left fill the queue.
+    process, children = start_big_pass(folder, samples, log_path, deleted=6000, count=40_000)
+
+    for pid in children:
+        os.kill(pid, signal.SIGTERM)
+    status = process.wait(60)
+
+    log = log_path.read_text()
+    assert status == 1, log[-2000:]
+    assert "no deleting process is left" in log
+    assert log.count("stopped early: stopped by SIGTERM") == len(children)
+    assert len(visible(folder)) > 2, "the pass ended before the signals; nothing was tested"
+    assert not hidden(folder)
+    finish_and_compare(folder, 40_000)
+
+
+def test_ignored_sigint_stays_ignored(folder: Path, samples: Samples, tmp_path: Path) -> None:
+    """A job started with SIGINT ignored must not lose its deleting processes to a SIGINT."""
+    log_path = tmp_path / "once.log"
+    process, _ = start_big_pass(folder, samples, log_path, ignore_sigint=True)
+
+    os.killpg(process.pid, signal.SIGINT)
+    status = process.wait(120)
+
+    log = log_path.read_text()
+    assert status == 0, log[-2000:]
+    assert "stopped early" not in log
+    assert visible(folder) == {ck(BIG_COUNT - 1), ck(BIG_COUNT)}
+
+
+def test_closed_standard_streams(folder: Path, samples: Samples) -> None:
+    """`>&-` and `2>&-` close stdout or stderr; a large pass must still run."""
+    for closed in (1, 2):
+        fill(folder, samples, SPREAD_COUNT)
+        command = [sys.executable, "-m", "watcher", str(folder), "--once", "--keep-last", "2"]
+        result = subprocess.run(
+            ["sh", "-c", f'exec "$@" {closed}>&-', "sh", *command],
+            check=False,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert visible(folder) == {ck(SPREAD_COUNT - 1), ck(SPREAD_COUNT)}

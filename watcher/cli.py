@@ -209,7 +209,7 @@ def run_once(policy: Policy) -> int:
     finally:
         os.close(dir_fd)
     log.info("%s", summary.describe())
-    return EXIT_RUNTIME if summary.failed else EXIT_OK
+    return EXIT_RUNTIME if summary.failed or summary.process_errors else EXIT_OK
 
 
 def _lock_for_once(dir_fd: int, policy: Policy) -> int | None:

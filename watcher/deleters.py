@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import select
 import signal
 import struct
 import sys
@@ -79,11 +80,12 @@ def run_spread(
     When they are done, each sends what `report()` returns in it (it must pickle) back to this
     process. A failed fork raises ForkFailed before `feed` starts, with nothing done. Return the
     reports and a message for each process that did not finish its share. On KeyboardInterrupt
-    in this process, every process gets SIGTERM and stops after the file in hand; their reports are
-    collected and the interrupt is raised again.
+    in this process, every process gets SIGTERM and stops after the file in hand. Their reports
+    are collected, and the interrupt is raised again.
     """
     for stream in (sys.stdout, sys.stderr):
-        stream.flush()
+        if stream is not None:  # None when the file descriptor was closed at start
+            stream.flush()
     queue_read, queue_write = os.pipe()
     children: list[_Child] = []
     try:
@@ -98,7 +100,7 @@ def run_spread(
         finally:
             os.close(queue_read)
         try:
-            lost = _send(feed, queue_write)
+            lost = _send(feed, queue_write, children)
         finally:
             os.close(queue_write)
             queue_write = -1
@@ -114,20 +116,41 @@ def run_spread(
         raise
 
 
-def _send(feed: Iterable[int], queue_write: int) -> list[str]:
-    """Write the indexes from `feed` into the queue in small batches."""
+def _send(feed: Iterable[int], queue_write: int, children: list[_Child]) -> list[str]:
+    """Write the indexes from `feed` into the queue in small batches.
+
+    While the queue is full, the reports of the processes are read: a process that stopped early
+    writes its report at once, and would wait on a full report pipe while this process waited on
+    the full queue.
+    """
+    os.set_blocking(queue_write, False)
     batch = bytearray()
     try:
         for index in feed:
             batch += _INDEX.pack(index)
             if len(batch) >= _BATCH * _INDEX.size:
-                _write_all(queue_write, batch)
+                _put(queue_write, batch, children)
                 batch.clear()
         if batch:
-            _write_all(queue_write, batch)
+            _put(queue_write, batch, children)
     except BrokenPipeError:
         return ["no deleting process is left, so the pass stopped; files not reached are untouched"]
     return []
+
+
+def _put(queue_write: int, batch: bytearray, children: list[_Child]) -> None:
+    """Write one batch, of at most PIPE_BUF bytes and so all or nothing, into the queue."""
+    while True:
+        try:
+            os.write(queue_write, batch)
+            return
+        except BlockingIOError:
+            pass
+        reports = [child.read_fd for child in children if child.read_fd >= 0]
+        readable, _, _ = select.select(reports, [queue_write], [])
+        for child in children:
+            if child.read_fd in readable:
+                _read_report(child)
 
 
 def _write_all(fd: int, data: bytes | bytearray) -> None:
@@ -180,7 +203,10 @@ def _serve(queue_read: int, work, report, write_fd: int, mask) -> None:
     """Work through the indexes from the queue, stopping between files on SIGINT or SIGTERM."""
     stop: list[int] = []
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda number, frame: stop.append(number))
+        # A signal the main process ignores (SIGINT in a job started with `&` from a script)
+        # stays ignored here, so that it never stops these processes and not the main one.
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, lambda number, frame: stop.append(number))
     parent = os.getppid()
     _stop_with_parent()
     signal.pthread_sigmask(signal.SIG_SETMASK, mask)
@@ -243,12 +269,7 @@ def _collect(children: list[_Child]) -> tuple[list[object], list[str]]:
     """
     for child in children:
         while child.read_fd >= 0:
-            chunk = os.read(child.read_fd, 1 << 20)
-            if chunk:
-                child.data += chunk
-            else:
-                os.close(child.read_fd)
-                child.read_fd = -1
+            _read_report(child)
         if child.status is None:
             try:
                 child.status = os.waitpid(child.pid, 0)[1]
@@ -274,6 +295,16 @@ def _collect(children: list[_Child]) -> tuple[list[object], list[str]]:
             "but missing from the counts; files it had not reached are untouched"
         )
     return reports, lost
+
+
+def _read_report(child: _Child) -> None:
+    """Read what is there of a process's report; close its pipe at the end of the report."""
+    chunk = os.read(child.read_fd, 1 << 20)
+    if chunk:
+        child.data += chunk
+    else:
+        os.close(child.read_fd)
+        child.read_fd = -1
 
 
 def _unpickle(data: bytearray):

@@ -6,6 +6,7 @@ import dataclasses
 import errno
 import logging
 import os
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -60,6 +61,8 @@ class PassSummary:
     dry_run: bool
     names: int | None = None
     """How many names a pass over changed names looked at; None for a pass over the folder."""
+    process_errors: int = 0
+    """Deleting processes that died or stopped before their share was done (see deleters)."""
 
     def describe(self) -> str:
         verb = "would prune" if self.dry_run else "pruned"
@@ -77,6 +80,9 @@ class PassSummary:
             text += f", {self.skipped} changed or gone since the scan"
         if self.failed:
             text += f", {self.failed} failed to delete"
+        if self.process_errors:
+            plural = "es" if self.process_errors > 1 else ""
+            text += f", {self.process_errors} deleting process{plural} stopped early"
         return text
 
 
@@ -152,7 +158,7 @@ class Pruner:
         self._folder = None
         started = time.monotonic()
         listing = scan_folder(dir_fd, self.matcher)
-        hidden = [e.name for e in listing.entries if e.name.startswith(PRUNING_PREFIX)]
+        hidden = [e.name for e in listing.entries if self._hidden_by_a_deletion(e)]
         if hidden and self._passes == 0 and not self.policy.dry_run:
             restore_interrupted(dir_fd, hidden)
             listing = scan_folder(dir_fd, self.matcher)
@@ -191,6 +197,17 @@ class Pruner:
         self._report_invalid(checkpoints, verdicts, started)
         self._folder = folder
         return dataclasses.replace(summary, invalid=len(self._invalid_since))
+
+    def _hidden_by_a_deletion(self, entry: Entry) -> bool:
+        """Return whether `entry` can be a checkpoint that an interrupted deletion left hidden.
+
+        Only a regular file whose name without the prefix is a checkpoint name qualifies. Other
+        names that happen to start with the prefix are not the watcher's and stay as they are.
+        """
+        if not entry.name.startswith(PRUNING_PREFIX) or entry.stat is None:
+            return False
+        name = entry.name[len(PRUNING_PREFIX) :]
+        return stat.S_ISREG(entry.stat.st_mode) and self.matcher.match(name) is not None
 
     def _first_verdicts(
         self, dir_fd: int, checkpoints: list[Entry], link_targets
@@ -356,7 +373,8 @@ class Pruner:
             bytes_freed=result.bytes_freed,
             invalid=len(self._invalid_since),
             skipped=result.skipped,
-            failed=result.failed,
+            failed=len(result.failures),
+            process_errors=len(result.errors),
             seconds=time.monotonic() - started,
             dry_run=self.policy.dry_run,
         )

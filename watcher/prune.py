@@ -35,10 +35,6 @@ class PruneResult:
     errors: list[str] = field(default_factory=list)
     """Failures not tied to one file, such as a deleting process that died."""
 
-    @property
-    def failed(self) -> int:
-        return len(self.failures) + len(self.errors)
-
     def add(self, other: PruneResult) -> None:
         self.pruned += other.pruned
         self.bytes_freed += other.bytes_freed
