@@ -60,7 +60,12 @@ def _kill_leftovers():
 
 
 def visible(folder: Path) -> set[str]:
-    return set(os.listdir(folder)) - {".ckpt-watcher.lock"}
+    """Return the names in the folder, without the lock file and without hidden names."""
+    return {
+        name
+        for name in os.listdir(folder)
+        if name != ".ckpt-watcher.lock" and not name.startswith(PRUNING_PREFIX)
+    }
 
 
 def hidden(folder: Path) -> list[str]:
