@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import io
+import pickle
+import types
 import zipfile
 
 VALID_KINDS = ("zip", "zip_large", "legacy")
@@ -101,3 +103,25 @@ def slow_checkpoint() -> bytes:
     buffer = io.BytesIO()
     torch.save(state, buffer)
     return buffer.getvalue()
+
+
+def crafted_pickle_module(payload: bytes) -> types.ModuleType:
+    """Return a pickle module for torch.save that writes `payload` as data.pkl.
+
+    The real object is still pickled, into a scratch buffer, so torch registers and
+    writes its storages as usual.
+    """
+
+    class Pickler(pickle.Pickler):
+        def __init__(self, file, protocol=None) -> None:
+            super().__init__(io.BytesIO(), protocol)
+            self._target = file
+
+        def dump(self, obj) -> None:
+            super().dump(obj)
+            self._target.write(payload)
+
+    module = types.ModuleType("crafted_pickle")
+    module.Pickler = Pickler
+    module.Unpickler = pickle.Unpickler
+    return module

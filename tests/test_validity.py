@@ -12,12 +12,12 @@ import struct
 import subprocess
 import sys
 import threading
-import types
 import zipfile
 from pathlib import Path
 
 import pytest
 import torch
+from helpers_corpus import crafted_pickle_module
 
 from watcher import validity
 from watcher.validity import ValidityCache, check_fd, check_file, stat_key
@@ -120,28 +120,6 @@ def _record_boundaries(path: Path) -> set[int]:
     offsets.update({position, len(data) - 42, len(data) - 22})
     around = {offset + delta for offset in offsets for delta in (-1, 0, 1)}
     return {offset for offset in around if 0 <= offset < len(data)}
-
-
-def _crafted_pickle_module(payload: bytes) -> types.ModuleType:
-    """Return a pickle module for torch.save that writes `payload` as data.pkl.
-
-    The real object is still pickled, into a scratch buffer, so torch registers and
-    writes its storages as usual.
-    """
-
-    class Pickler(pickle.Pickler):
-        def __init__(self, file, protocol=None) -> None:
-            super().__init__(io.BytesIO(), protocol)
-            self._target = file
-
-        def dump(self, obj) -> None:
-            super().dump(obj)
-            self._target.write(payload)
-
-    module = types.ModuleType("crafted_pickle")
-    module.Pickler = Pickler
-    module.Unpickler = pickle.Unpickler
-    return module
 
 
 def _storage_pickle(key: str, numel: int, type_name: str = "FloatStorage") -> bytes:
@@ -343,7 +321,7 @@ def test_zip_interrupted_inside_write(tmp_path: Path) -> None:
 
 
 def test_zip_missing_storage_record(tmp_path: Path) -> None:
-    module = _crafted_pickle_module(_storage_pickle("7", 4))
+    module = crafted_pickle_module(_storage_pickle("7", 4))
     path = _save(tmp_path / "crafted.pt", torch.zeros(4), pickle_module=module)
     verdict = check_file(None, str(path))
     assert not verdict.valid
@@ -351,7 +329,7 @@ def test_zip_missing_storage_record(tmp_path: Path) -> None:
 
 
 def test_zip_storage_record_too_small(tmp_path: Path) -> None:
-    module = _crafted_pickle_module(_storage_pickle("0", 5))
+    module = crafted_pickle_module(_storage_pickle("0", 5))
     path = _save(tmp_path / "crafted.pt", torch.zeros(4), pickle_module=module)
     verdict = check_file(None, str(path))
     assert not verdict.valid
@@ -360,7 +338,7 @@ def test_zip_storage_record_too_small(tmp_path: Path) -> None:
 
 def test_zip_storage_record_too_long(tmp_path: Path) -> None:
     """torch.load raises on a record longer than numel * element size, so it is invalid."""
-    module = _crafted_pickle_module(_storage_pickle("0", 3))
+    module = crafted_pickle_module(_storage_pickle("0", 3))
     path = _save(tmp_path / "crafted.pt", torch.zeros(4), pickle_module=module)
     verdict = check_file(None, str(path))
     assert not verdict.valid
@@ -369,7 +347,7 @@ def test_zip_storage_record_too_long(tmp_path: Path) -> None:
 
 def test_zip_crafted_storage_pickle_valid(tmp_path: Path) -> None:
     """Control for the crafted cases: the same payload with the right numel is valid."""
-    module = _crafted_pickle_module(_storage_pickle("0", 4))
+    module = crafted_pickle_module(_storage_pickle("0", 4))
     path = _save(tmp_path / "crafted.pt", torch.zeros(4), pickle_module=module)
     verdict = check_file(None, str(path))
     assert verdict.valid, verdict.reason
@@ -386,7 +364,7 @@ def test_zip_pickle_code_not_run(tmp_path: Path) -> None:
 def test_zip_memo_index_bomb(tmp_path: Path) -> None:
     """A BINPUT to index 2**32 - 16 must not make the check allocate a memo table for it."""
     payload = b"\x80\x02N" + b"r" + struct.pack("<I", 0xFFFFFFF0) + b"."
-    path = _save(tmp_path / "bomb.pt", None, pickle_module=_crafted_pickle_module(payload))
+    path = _save(tmp_path / "bomb.pt", None, pickle_module=crafted_pickle_module(payload))
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     verdict = check_file(None, str(path))
     peak_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

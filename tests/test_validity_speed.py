@@ -9,13 +9,13 @@ import pickle
 import pickletools
 import re
 import threading
-import types
 import zipfile
 from pathlib import Path
 from typing import ClassVar
 
 import pytest
 import torch
+from helpers_corpus import crafted_pickle_module
 
 from watcher.validity import _fast_unpickle, _unpickle, check_file
 from watcher.validity._common import TAIL_WINDOW_BYTES, Invalid
@@ -58,24 +58,6 @@ SHAPES = {
 }
 
 
-def _crafted_pickle_module(payload: bytes) -> types.ModuleType:
-    """Return a pickle module for torch.save that writes `payload` as data.pkl."""
-
-    class Pickler(pickle.Pickler):
-        def __init__(self, file, protocol=None) -> None:
-            super().__init__(io.BytesIO(), protocol)
-            self._target = file
-
-        def dump(self, obj) -> None:
-            super().dump(obj)
-            self._target.write(payload)
-
-    module = types.ModuleType("crafted_pickle")
-    module.Pickler = Pickler
-    module.Unpickler = pickle.Unpickler
-    return module
-
-
 def _globals_pickle(names: list[tuple[str, str]]) -> bytes:
     """Return a protocol 2 pickle of a tuple of the globals `names`."""
     parts = [b"\x80\x02("]
@@ -86,7 +68,7 @@ def _globals_pickle(names: list[tuple[str, str]]) -> bytes:
 
 
 def _save_globals(path: Path, names: list[tuple[str, str]]) -> Path:
-    module = _crafted_pickle_module(_globals_pickle(names))
+    module = crafted_pickle_module(_globals_pickle(names))
     return _save(path, torch.zeros(2), pickle_module=module)
 
 
