@@ -16,6 +16,7 @@ This module touches no files. Its rules, applied to each series on its own:
 from __future__ import annotations
 
 import enum
+import functools
 from collections import defaultdict
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
@@ -41,11 +42,12 @@ class Decision:
 class Plan:
     decisions: tuple[Decision, ...]
 
-    @property
+    # Cached, because a pass reads each list several times and a plan can hold 100,000 decisions.
+    @functools.cached_property
     def kept(self) -> list[Decision]:
         return [d for d in self.decisions if d.action is Action.KEEP]
 
-    @property
+    @functools.cached_property
     def pruned(self) -> list[Decision]:
         return [d for d in self.decisions if d.action is Action.PRUNE]
 

@@ -62,47 +62,42 @@ def execute_plan(
     With `processes` above 1, a large plan is carried out by that many forked processes (see
     watcher.deleters); the caller must have no other thread running.
     """
-    if not dry_run and can_fork(processes, len(plan.pruned)):
+    decisions = plan.pruned
+    if not dry_run and can_fork(processes, len(decisions)):
         try:
-            return _execute_spread(plan, dir_fd, confirm, processes)
+            return _execute_spread(decisions, dir_fd, confirm, processes)
         except ForkFailed as error:
             log.warning("%s; deleting from this process alone", error.strerror)
     result = PruneResult()
-    for decision in plan.pruned:
-        _execute_one(decision, dir_fd, dry_run, confirm, result)
+    for decision in decisions:
+        if not _confirmed(decision, confirm, result):
+            continue
+        if dry_run:
+            result.pruned += 1
+            result.bytes_freed += decision.entry.stat.st_size
+        else:
+            _prune_one(decision, dir_fd, result)
     return result
 
 
-def _execute_one(
-    decision: Decision, dir_fd: int, dry_run: bool, confirm, result: PruneResult
-) -> None:
-    if confirm is not None:
-        verdict = confirm(decision)
-        if verdict is not None:
-            result.kept_invalid[decision.entry.name] = verdict
-            return
-    if dry_run:
-        result.pruned += 1
-        result.bytes_freed += decision.entry.stat.st_size
-    else:
-        _prune_one(decision, dir_fd, result)
+def _confirmed(decision: Decision, confirm, result: PruneResult) -> bool:
+    """Return whether `confirm` lets the file go; record it in `result` as kept if not."""
+    verdict = None if confirm is None else confirm(decision)
+    if verdict is not None:
+        result.kept_invalid[decision.entry.name] = verdict
+    return verdict is None
 
 
-def _execute_spread(plan: Plan, dir_fd: int, confirm, processes: int) -> PruneResult:
+def _execute_spread(decisions: list[Decision], dir_fd: int, confirm, processes: int) -> PruneResult:
     """Check each file here and have forked processes delete the ones that pass."""
-    decisions = plan.pruned
-    # This process keeps the files the check keeps; each deleting process fills its own copy,
+    # This process records the files the check keeps. Each deleting process fills its own copy,
     # forked while still empty, and sends it back.
     own = PruneResult()
 
     def feed():
         for index, decision in enumerate(decisions):
-            if confirm is not None:
-                verdict = confirm(decision)
-                if verdict is not None:
-                    own.kept_invalid[decision.entry.name] = verdict
-                    continue
-            yield index
+            if _confirmed(decision, confirm, own):
+                yield index
 
     log.info(
         "checking %d files here and deleting the valid ones from %d processes",
