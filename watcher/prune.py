@@ -81,7 +81,7 @@ def execute_plan(
 
 
 def _confirmed(decision: Decision, confirm, result: PruneResult) -> bool:
-    """Return whether `confirm` lets the file go; record it in `result` as kept if not."""
+    """Return whether `confirm` lets the file go. A file it keeps is recorded in `result`."""
     verdict = None if confirm is None else confirm(decision)
     if verdict is not None:
         result.kept_invalid[decision.entry.name] = verdict
