@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import pickle
@@ -557,21 +558,79 @@ def test_check_fd_keeps_offset_and_fd(tmp_path: Path) -> None:
         os.close(fd)
 
 
+def test_check_file_keeps_access_time(tmp_path: Path) -> None:
+    """The check opens with O_NOATIME, so reading does not update the access time.
+
+    An access time older than the mtime makes a relatime mount update it on any read.
+    """
+    path = _small_checkpoint(tmp_path / "a.pt")
+    old_atime_ns = 10**9
+    os.utime(path, ns=(old_atime_ns, path.stat().st_mtime_ns))
+    assert check_file(None, str(path)).valid
+    assert path.stat().st_atime_ns == old_atime_ns
+
+
+def _check_as_nobody(dir_fd: int, name: str) -> str:
+    """Check `name` in a forked child that runs as uid 65534, and return the child's report.
+
+    The report starts with "EPERM; " when the child may not open the file with O_NOATIME, and
+    ends with the verdict.
+    """
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            os.close(read_end)
+            os.setuid(65534)
+            report = []
+            try:
+                os.close(os.open(name, os.O_RDONLY | os.O_NOATIME, dir_fd=dir_fd))
+            except PermissionError as exc:
+                report.append(errno.errorcode[exc.errno])
+            verdict = check_file(dir_fd, name)
+            report.append(f"{verdict.valid} {verdict.reason}")
+            os.write(write_end, "; ".join(report).encode())
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        report = pipe.read().decode()
+    _pid, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    return report
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to another user")
+def test_check_file_other_owner_without_noatime(tmp_path: Path) -> None:
+    """A user who does not own the file gets EPERM for O_NOATIME, so the check opens without it."""
+    _small_checkpoint(tmp_path / "a.pt")
+    (tmp_path / "a.pt").chmod(0o644)
+    tmp_path.chmod(0o755)
+    dir_fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        report = _check_as_nobody(dir_fd, "a.pt")
+    finally:
+        os.close(dir_fd)
+    assert report == "EPERM; True complete zip archive, 3 storages"
+
+
 # ---------------------------------------------------------------------------
 # ValidityCache
 
 
 @pytest.fixture
 def check_fd_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Count the calls to check_fd, which reads the file, as made by the cache."""
+    """Count the reads of an open file's contents, as made by the cache."""
     calls: list[int] = []
-    real_check_fd = validity.check_fd
+    real_check_open_file = validity.checks._check_open_file
 
-    def counting_check_fd(fd: int) -> validity.Verdict:
+    def counting_check_open_file(fd: int, st: os.stat_result) -> validity.Verdict:
         calls.append(fd)
-        return real_check_fd(fd)
+        return real_check_open_file(fd, st)
 
-    monkeypatch.setattr(validity.checks, "check_fd", counting_check_fd)
+    monkeypatch.setattr(validity.checks, "_check_open_file", counting_check_open_file)
     return calls
 
 

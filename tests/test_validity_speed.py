@@ -9,6 +9,7 @@ import pickle
 import pickletools
 import re
 import threading
+import warnings
 import zipfile
 from pathlib import Path
 from typing import ClassVar
@@ -19,6 +20,7 @@ from helpers_corpus import crafted_pickle_module
 
 from watcher.validity import _fast_unpickle, _unpickle, check_file
 from watcher.validity._common import TAIL_WINDOW_BYTES, Invalid
+from watcher.validity.checks import open_and_check
 
 # ---------------------------------------------------------------------------
 # Helpers
@@ -184,6 +186,62 @@ def test_truncated_near_window_size(tmp_path: Path) -> None:
         assert verdict.reason == "truncated: end-of-central-directory record missing", length
 
 
+def test_open_and_check_fstat_twice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One fstat before the check serves its type and size test, one after detects a change."""
+    path = _save(tmp_path / "ckpt.pt", {"w": torch.ones(3)})
+    calls: list[int] = []
+    real_fstat = os.fstat
+
+    def counting_fstat(fd: int) -> os.stat_result:
+        calls.append(fd)
+        return real_fstat(fd)
+
+    monkeypatch.setattr(os, "fstat", counting_fstat)
+    verdict, key = open_and_check(None, str(path))
+    assert verdict.valid, verdict.reason
+    assert key is not None
+    assert len(calls) == 2
+
+
+# ---------------------------------------------------------------------------
+# Central directory
+
+
+def _archive_with_duplicate() -> bytes:
+    """Return a zip archive, made by zipfile, whose third record repeats the first name."""
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), zipfile.ZipFile(buffer, "w") as archive:
+        warnings.simplefilter("ignore", UserWarning)  # zipfile warns about the repeated name
+        archive.writestr("a/data.pkl", pickle.dumps(1, protocol=2))
+        archive.writestr("a/version", "3\n")
+        archive.writestr("a/data.pkl", pickle.dumps(2, protocol=2))
+        archive.writestr("a/extra", "x")
+    return buffer.getvalue()
+
+
+def test_duplicate_name_reported(tmp_path: Path) -> None:
+    path = tmp_path / "duplicate.pt"
+    path.write_bytes(_archive_with_duplicate())
+    assert check_file(None, str(path)).reason == "duplicate record a/data.pkl"
+
+
+def test_directory_damage_before_duplicate(tmp_path: Path) -> None:
+    """A damaged directory entry after a repeated name is the reason given.
+
+    The check reports a repeated name only after it has parsed the whole directory.
+    """
+    data = bytearray(_archive_with_duplicate())
+    cd_start = data.find(b"PK\x01\x02")
+    last_entry = data.rfind(b"PK\x01\x02")
+    data[last_entry : last_entry + 4] = bytes(4)
+    path = tmp_path / "damaged.pt"
+    path.write_bytes(bytes(data))
+    reason = check_file(None, str(path)).reason
+    assert (
+        reason == f"central directory header at offset {last_entry - cd_start} has a bad signature"
+    )
+
+
 # ---------------------------------------------------------------------------
 # Fast path for data.pkl
 
@@ -192,8 +250,7 @@ def test_truncated_near_window_size(tmp_path: Path) -> None:
 def test_fast_path_covers_torch_pickles(tmp_path: Path, shape: str) -> None:
     """torch.save's default pickles never need the slower full load."""
     data = _data_pkl(_save(tmp_path / "ckpt.pt", SHAPES[shape]()))
-    unpickler = _unpickle._RestrictedUnpickler(io.BytesIO(data), {}, legacy=False)
-    assert _fast_unpickle._load_common_opcodes(unpickler, data)
+    assert _fast_unpickle._load_common_opcodes(data, {})
 
 
 @pytest.mark.parametrize("protocol", [2, 4])

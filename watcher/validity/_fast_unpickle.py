@@ -4,10 +4,11 @@ as the fallback for everything else.
 Walking a pickle with pickle._Unpickler costs a Python call per opcode and more per argument
 read. torch.save writes protocol 2 pickles with a small set of opcodes, so this module runs
 those opcodes in one loop over the bytes. The loop has the same effect as the restricted
-unpickler, because it takes the stand-in classes from its find_class and makes the same
-persistent_load calls. Any input the loop does not cover, and any error other than Invalid,
-makes it give up, and the restricted unpickler then loads the pickle from the start. The
-verdict and its reason are therefore the restricted unpickler's for every input.
+unpickler, because it calls the functions behind that unpickler's find_class and
+persistent_load at the same points with the same arguments. Any input the loop does not
+cover, and any error other than Invalid, makes it give up, and the restricted unpickler then
+loads the pickle from the start. The verdict and its reason are therefore the restricted
+unpickler's for every input.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from watcher.validity._common import Invalid
 from watcher.validity._unpickle import (
     StorageRef,
     _Opaque,
-    _RestrictedUnpickler,
+    find_stand_in,
+    load_persistent_id,
     unpickle_restricted,
 )
 
@@ -85,27 +87,30 @@ _FAST_PATH_EXACT = sys.maxsize >= 2**32
 _shared_stand_ins_by_line: dict[bytes, type] = {}
 
 
-def _find_class(unpickler: _RestrictedUnpickler, line: bytes) -> type:
-    """Return unpickler.find_class for the GLOBAL arguments `line`, remembering shared ones."""
+def _find_class(line: bytes, own_stand_ins: dict[tuple[str, str], type]) -> type:
+    """Return the stand-in for the GLOBAL arguments `line`, remembering shared ones."""
     module_end = line.index(b"\n")
     module = line[:module_end].decode("utf-8")
     name = line[module_end + 1 :].decode("utf-8")
-    stand_in = unpickler.find_class(module, name)
+    stand_in = find_stand_in(module, name, own_stand_ins)
     if _unpickle._shared_stand_ins.get((module, name)) is stand_in:
         _shared_stand_ins_by_line[line] = stand_in
     return stand_in
 
 
-def _load_common_opcodes(unpickler: _RestrictedUnpickler, data: bytes) -> bool:
-    """Run the pickle in `data` as `unpickler` would; return False where this loop stops short.
+def _load_common_opcodes(data: bytes, storages: dict[str, StorageRef]) -> bool:
+    """Run the pickle in `data` as the restricted unpickler would, adding to `storages`.
+
+    Return False where this loop stops short.
 
     The loop covers each opcode only where pickle._Unpickler, with the overrides of
     _RestrictedUnpickler, cannot fail, and returns False otherwise. The pure-Python
     unpickler handles these opcodes alike in Python 3.10 to 3.13, and
     tests/test_validity_speed.py compares the two on mutated pickles. It relies on
     its caller to treat any exception except Invalid the same way. Invalid comes only from
-    unpickler.persistent_load, called at the same point with the same id as in a full load.
+    load_persistent_id, called at the same point with the same id as in a full load.
     """
+    own_stand_ins: dict[tuple[str, str], type] = {}
     stack: list = []
     metastack: list[list] = []
     memo: dict[int, object] = {}
@@ -137,7 +142,8 @@ def _load_common_opcodes(unpickler: _RestrictedUnpickler, data: bytes) -> bool:
                 stack.append(memo[_UINT32(data, position)[0]])
                 position += 4
             elif opcode == TUPLE2:
-                stack[-2:] = [(stack[-2], stack[-1])]
+                last = stack.pop()
+                stack[-1] = (stack[-1], last)
             elif opcode == EMPTY_DICT:
                 # The restricted unpickler turns dicts into stand-ins.
                 stack.append(_new_instance(_Opaque))
@@ -154,7 +160,9 @@ def _load_common_opcodes(unpickler: _RestrictedUnpickler, data: bytes) -> bool:
             elif opcode == NEWTRUE:
                 stack.append(True)
             elif opcode == TUPLE3:
-                stack[-3:] = [(stack[-3], stack[-2], stack[-1])]
+                last = stack.pop()
+                middle = stack.pop()
+                stack[-1] = (stack[-1], middle, last)
             elif opcode == NEWOBJ:
                 arguments = stack.pop()
                 if not _is_stand_in_class(stack[-1]) or type(arguments) is not tuple:
@@ -194,7 +202,7 @@ def _load_common_opcodes(unpickler: _RestrictedUnpickler, data: bytes) -> bool:
         elif opcode == EMPTY_TUPLE:
             stack.append(())
         elif opcode == BINPERSID:
-            stack[-1] = unpickler.persistent_load(stack[-1])
+            stack[-1] = load_persistent_id(stack[-1], storages, False)
         elif opcode == BININT2:
             stack.append(_UINT16(data, position)[0])
             position += 2
@@ -232,7 +240,7 @@ def _load_common_opcodes(unpickler: _RestrictedUnpickler, data: bytes) -> bool:
             line = data[position:end]
             stand_in = _shared_stand_ins_by_line.get(line)
             if stand_in is None:
-                stand_in = _find_class(unpickler, line)
+                stand_in = _find_class(line, own_stand_ins)
             stack.append(stand_in)
             position = end + 1
         elif opcode == STOP:
@@ -242,10 +250,10 @@ def _load_common_opcodes(unpickler: _RestrictedUnpickler, data: bytes) -> bool:
             return False
 
 
-def _load_fast(unpickler: _RestrictedUnpickler, data: bytes) -> bool:
+def _load_fast(data: bytes, storages: dict[str, StorageRef]) -> bool:
     """Return whether _load_common_opcodes ran the whole pickle; let Invalid through."""
     try:
-        return _load_common_opcodes(unpickler, data)
+        return _load_common_opcodes(data, storages)
     except Invalid:
         raise
     except Exception:  # noqa: BLE001 - the full load in load_storages reports the error itself
@@ -258,8 +266,7 @@ def load_storages(data: bytes, what: str) -> dict[str, StorageRef]:
     `what` names the pickle in the reason of a pickle that does not parse.
     """
     storages: dict[str, StorageRef] = {}
-    unpickler = _RestrictedUnpickler(io.BytesIO(data), storages, legacy=False)
-    if not (_FAST_PATH_EXACT and _load_fast(unpickler, data)):
+    if not (_FAST_PATH_EXACT and _load_fast(data, storages)):
         storages.clear()
         unpickle_restricted(io.BytesIO(data), storages, legacy=False, what=what)
     return storages

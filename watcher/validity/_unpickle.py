@@ -37,11 +37,6 @@ class _Opaque:
         pass
 
 
-def _new_opaque() -> _Opaque:
-    # Same object as _Opaque(), without the calls to its Python-level __new__ and __init__.
-    return object.__new__(_Opaque)
-
-
 class StorageRef(NamedTuple):
     """One storage id found in a pickle: key, storage class name and element count."""
 
@@ -174,36 +169,53 @@ class _RestrictedUnpickler(pickle._Unpickler):
                 read = self.read
 
     def find_class(self, module: str, name: str) -> type:
-        key = (module, name)
-        stand_in = _shared_stand_ins.get(key)
-        if stand_in is None:
-            stand_in = _shared_stand_in(module, name) or self._globals.get(key)
-        if stand_in is None:
-            stand_in = self._globals[key] = _new_stand_in(module, name)
-        return stand_in
+        return find_stand_in(module, name, self._globals)
 
     def persistent_load(self, pid: object) -> _Opaque | type[_Opaque]:
-        if not isinstance(pid, tuple) or not pid:
-            raise Invalid(f"unexpected persistent id in pickle: {type(pid).__name__}")
-        kind = _as_text(pid[0])
-        if self._legacy and kind == "module":
-            # The id stands for the class of a pickled nn.Module, so it must be a class that
-            # the NEWOBJ opcode can instantiate.
-            return _Opaque
-        expected_length = 6 if self._legacy else 5
-        if kind != "storage" or len(pid) != expected_length:
-            raise Invalid(f"unexpected persistent id in pickle: kind {kind!r}, {len(pid)} fields")
-        self._record_storage(pid[1], pid[2], pid[4])
-        return _new_opaque()
+        return load_persistent_id(pid, self._storages, self._legacy)
 
-    def _record_storage(self, storage_type: object, key: object, numel: object) -> None:
-        key_text = _as_text(key)
-        if key_text is None or type(numel) is not int or numel < 0:
-            raise Invalid(f"malformed storage id in pickle: key {key!r}, numel {numel!r}")
-        # torch's loaders size a storage from its first reference and reuse it after.
-        if key_text not in self._storages:
-            type_name = _storage_type_name(storage_type)
-            self._storages[key_text] = StorageRef(key_text, type_name, numel)
+
+def find_stand_in(module: str, name: str, own_stand_ins: dict[tuple[str, str], type]) -> type:
+    """Return the stand-in class of a global, from the shared table or from `own_stand_ins`.
+
+    `own_stand_ins` contains the stand-ins of one pickle that the shared table has no room for.
+    """
+    key = (module, name)
+    stand_in = _shared_stand_ins.get(key)
+    if stand_in is None:
+        stand_in = _shared_stand_in(module, name) or own_stand_ins.get(key)
+    if stand_in is None:
+        stand_in = own_stand_ins[key] = _new_stand_in(module, name)
+    return stand_in
+
+
+def load_persistent_id(
+    pid: object, storages: dict[str, StorageRef], legacy: bool
+) -> _Opaque | type[_Opaque]:
+    """Record the storage that a persistent id names in `storages`, and return its stand-in.
+
+    Raise Invalid for an id that torch.save does not write.
+    """
+    if not isinstance(pid, tuple) or not pid:
+        raise Invalid(f"unexpected persistent id in pickle: {type(pid).__name__}")
+    kind = _as_text(pid[0])
+    if legacy and kind == "module":
+        # The id stands for the class of a pickled nn.Module, so it must be a class that
+        # the NEWOBJ opcode can instantiate.
+        return _Opaque
+    expected_length = 6 if legacy else 5
+    if kind != "storage" or len(pid) != expected_length:
+        raise Invalid(f"unexpected persistent id in pickle: kind {kind!r}, {len(pid)} fields")
+    key = pid[2]
+    numel = pid[4]
+    key_text = _as_text(key)
+    if key_text is None or type(numel) is not int or numel < 0:
+        raise Invalid(f"malformed storage id in pickle: key {key!r}, numel {numel!r}")
+    # torch's loaders size a storage from its first reference and reuse it after.
+    if key_text not in storages:
+        storages[key_text] = StorageRef(key_text, _storage_type_name(pid[1]), numel)
+    # The same object as _Opaque(), without calls to its Python-level __new__ and __init__.
+    return object.__new__(_Opaque)
 
 
 def unpickle_restricted(file, storages: dict[str, StorageRef], legacy: bool, what: str) -> object:

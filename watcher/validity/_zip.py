@@ -5,7 +5,7 @@ from __future__ import annotations
 import operator
 import struct
 import zlib
-from dataclasses import dataclass
+from collections.abc import Iterable
 
 from watcher.validity._common import (
     MAX_PICKLE_BYTES,
@@ -25,44 +25,34 @@ _ZIP64_LOCATOR = struct.Struct("<IIQI")
 _ZIP64_LOCATOR_SIGNATURE = 0x07064B50
 _ZIP64_EOCD = struct.Struct("<IQHHIIQQQQ")
 _ZIP64_EOCD_SIGNATURE = 0x06064B50
-_CENTRAL_HEADER = struct.Struct("<IHHHHHHIIIHHHHHII")
+# The 46-byte central directory header, unpacked into the fields this check uses: signature,
+# flags, method, CRC-32, compressed size, uncompressed size, name length, extra field length,
+# comment length and local header offset. Pad bytes (x) skip the others.
+_CENTRAL_HEADER = struct.Struct("<I4xHH4xIIIHHH8xI")
+_CENTRAL_HEADER_SIZE = 46
 _CENTRAL_HEADER_SIGNATURE = 0x02014B50
-_LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")
+# The 30-byte local header, unpacked into signature, name length and extra field length.
+_LOCAL_HEADER = struct.Struct("<I22xHH")
+_LOCAL_HEADER_SIZE = 30
 _LOCAL_HEADER_SIGNATURE = 0x04034B50
 _ZIP64_EXTRA_ID = 0x0001
 _MAX16 = 0xFFFF
 _MAX32 = 0xFFFFFFFF
 
 
-@dataclass(slots=True)
-class _ZipRecord:
-    """One central directory entry; data_offset is filled in from its local header."""
-
-    name: str
-    raw_name: bytes
-    flags: int
-    method: int
-    crc: int
-    compressed_size: int
-    uncompressed_size: int
-    header_offset: int
-    data_offset: int = -1
+# A central directory entry is kept as a plain tuple, which is cheaper to build than a class
+# instance, with the fields (header offset, name, raw name bytes, flags, method, CRC-32,
+# compressed size, uncompressed size). The name is the raw name decoded as UTF-8 with
+# surrogateescape.
+_header_offset_of = operator.itemgetter(0)
+_UNCOMPRESSED_SIZE = 7
 
 
-_header_offset_of = operator.attrgetter("header_offset")
+def _read_zip_end(file: FileReader, size: int) -> tuple[int, int, int]:
+    """Parse the zip64 end record, its locator and the end record, which torch writes last.
 
-
-@dataclass(slots=True)
-class _ZipEnd:
-    """Offset, size and entry count of the central directory, read from the end records."""
-
-    cd_offset: int
-    cd_size: int
-    entries: int
-
-
-def _read_zip_end(file: FileReader, size: int) -> _ZipEnd:
-    """Parse the zip64 end record, its locator and the end record, which torch writes last."""
+    Return the offset, size and entry count of the central directory.
+    """
     tail_length = _EOCD.size + _ZIP64_LOCATOR.size
     if size < tail_length:
         raise Invalid("truncated: end-of-central-directory record missing")
@@ -97,12 +87,12 @@ def _read_zip_end(file: FileReader, size: int) -> _ZipEnd:
         raise Invalid("end records disagree on the number of entries")
     if cd_size32 not in (cd_size, _MAX32) or cd_offset32 not in (cd_offset, _MAX32):
         raise Invalid("end records disagree on the central directory position")
-    return _ZipEnd(cd_offset, cd_size, entries)
+    return cd_offset, cd_size, entries
 
 
 def _plain_zip_end(
     size: int, disk_entries: int, entries: int, cd_size: int, cd_offset: int
-) -> _ZipEnd:
+) -> tuple[int, int, int]:
     """Accept an archive without zip64 records when its end record alone is consistent.
 
     torch 2.13 always writes the zip64 records, but an archive from another writer or an older
@@ -112,7 +102,7 @@ def _plain_zip_end(
         raise Invalid("not a torch archive: zip64 end-of-central-directory locator missing")
     if cd_offset + cd_size != size - _EOCD.size:
         raise Invalid("central directory does not end where the end-of-central-directory starts")
-    return _ZipEnd(cd_offset, cd_size, entries)
+    return cd_offset, cd_size, entries
 
 
 def _zip64_values(extra: bytes, wanted: int, name: str) -> list[int]:
@@ -146,153 +136,170 @@ def _resolve_zip64(
     return uncompressed_size, compressed_size, header_offset
 
 
-def _parse_central_directory(directory: bytes, entries: int) -> list[_ZipRecord]:
-    """Parse `entries` central directory headers, which must fill `directory` exactly."""
-    records = []
+def _parse_central_directory(directory: bytes, entries: int) -> dict[str, tuple]:
+    """Parse `entries` central directory headers, which must fill `directory` exactly.
+
+    Return the entry tuples by name, in directory order. Raise Invalid for a damaged
+    directory or a name that occurs twice.
+    """
+    records: dict[str, tuple] = {}
+    duplicate = None
     position = 0
+    directory_size = len(directory)
+    unpack_header = _CENTRAL_HEADER.unpack_from
     for _ in range(entries):
-        if position + _CENTRAL_HEADER.size > len(directory):
+        if position + _CENTRAL_HEADER_SIZE > directory_size:
             raise Invalid("central directory ends inside a header")
         (
             signature,
-            _made_by,
-            _needed,
             flags,
             method,
-            _time,
-            _date,
             crc,
             compressed_size,
             uncompressed_size,
             name_length,
             extra_length,
             comment_length,
-            _disk,
-            _internal_attributes,
-            _external_attributes,
             header_offset,
-        ) = _CENTRAL_HEADER.unpack_from(directory, position)
+        ) = unpack_header(directory, position)
         if signature != _CENTRAL_HEADER_SIGNATURE:
             raise Invalid(f"central directory header at offset {position} has a bad signature")
-        name_start = position + _CENTRAL_HEADER.size
+        name_start = position + _CENTRAL_HEADER_SIZE
         extra_start = name_start + name_length
         position = extra_start + extra_length + comment_length
-        if position > len(directory):
+        if position > directory_size:
             raise Invalid("central directory ends inside a header")
         raw_name = directory[name_start:extra_start]
         name = raw_name.decode("utf-8", "surrogateescape")
-        if _MAX32 in (uncompressed_size, compressed_size, header_offset):
+        if uncompressed_size == _MAX32 or compressed_size == _MAX32 or header_offset == _MAX32:
             extra = directory[extra_start : extra_start + extra_length]
             uncompressed_size, compressed_size, header_offset = _resolve_zip64(
                 extra, uncompressed_size, compressed_size, header_offset, name
             )
-        records.append(
-            _ZipRecord(
-                name,
-                raw_name,
-                flags,
-                method,
-                crc,
-                compressed_size,
-                uncompressed_size,
-                header_offset,
-            )
+        if duplicate is None and name in records:
+            duplicate = name
+        records[name] = (
+            header_offset,
+            name,
+            raw_name,
+            flags,
+            method,
+            crc,
+            compressed_size,
+            uncompressed_size,
         )
-    if position != len(directory):
+    if position != directory_size:
         raise Invalid("central directory has bytes after its last entry")
+    # A damaged entry later in the directory takes precedence over a repeated name.
+    if duplicate is not None:
+        raise Invalid(f"duplicate record {duplicate}")
     return records
 
 
-def _read_central_directory(file: FileReader, end: _ZipEnd) -> list[_ZipRecord]:
-    if end.entries > end.cd_size // _CENTRAL_HEADER.size:
-        raise Invalid(f"central directory of {end.cd_size} bytes cannot hold {end.entries} entries")
-    if end.cd_size > MAX_PICKLE_BYTES:
-        raise Invalid(f"central directory of {end.cd_size} bytes is over the limit of this check")
-    directory = file.read_exact(end.cd_size, end.cd_offset, "central directory")
-    return _parse_central_directory(directory, end.entries)
+def _read_central_directory(
+    file: FileReader, cd_offset: int, cd_size: int, entries: int
+) -> dict[str, tuple]:
+    if entries > cd_size // _CENTRAL_HEADER_SIZE:
+        raise Invalid(f"central directory of {cd_size} bytes cannot hold {entries} entries")
+    if cd_size > MAX_PICKLE_BYTES:
+        raise Invalid(f"central directory of {cd_size} bytes is over the limit of this check")
+    directory = file.read_exact(cd_size, cd_offset, "central directory")
+    return _parse_central_directory(directory, entries)
 
 
-def _check_local_headers(file: FileReader, records: list[_ZipRecord], cd_offset: int) -> None:
-    """Check each record's local header and that records lie, without overlap, before the CD."""
+def _check_local_headers(
+    file: FileReader, records: Iterable[tuple], cd_offset: int, pickle_record: tuple
+) -> int:
+    """Check each record's local header and that records lie, without overlap, before the CD.
+
+    Return where the data of `pickle_record`, one of `records`, starts.
+    """
     ordered = sorted(records, key=_header_offset_of)
-    limits = [record.header_offset for record in ordered[1:]]
+    limits = [record[0] for record in ordered[1:]]
     limits.append(cd_offset)
     window = file.window
+    window_start = file.window_start
+    window_size = len(window)
+    pickle_data_offset = -1
     for record, limit in zip(ordered, limits):
-        if record.flags & 0x1:
-            raise Invalid(f"record {record.name} is encrypted")
-        raw_name = record.raw_name
-        length = _LOCAL_HEADER.size + len(raw_name)
+        header_offset, name, raw_name, flags, _method, _crc, compressed_size, _size = record
+        if flags & 0x1:
+            raise Invalid(f"record {name} is encrypted")
+        length = _LOCAL_HEADER_SIZE + len(raw_name)
         # A header inside the window is parsed in place, which saves a copy per record.
-        start = record.header_offset - file.window_start
-        if start >= 0 and start + length <= len(window):
+        start = header_offset - window_start
+        if start >= 0 and start + length <= window_size:
             buffer = window
         else:
-            what = f"local header of {record.name}"
-            buffer = pread_exact(file.fd, length, record.header_offset, what)
+            what = f"local header of {name}"
+            buffer = pread_exact(file.fd, length, header_offset, what)
             start = 0
-        fields = _LOCAL_HEADER.unpack_from(buffer, start)
-        signature, name_length, extra_length = fields[0], fields[9], fields[10]
+        signature, name_length, extra_length = _LOCAL_HEADER.unpack_from(buffer, start)
         if signature != _LOCAL_HEADER_SIGNATURE:
-            raise Invalid(f"local header of {record.name} has a bad signature")
-        name_start = start + _LOCAL_HEADER.size
-        if name_length != len(raw_name) or not buffer.startswith(raw_name, name_start):
-            raise Invalid(f"local header of {record.name} names another record")
-        record.data_offset = record.header_offset + length + extra_length
-        if record.data_offset + record.compressed_size > limit:
-            raise Invalid(f"record {record.name} overlaps the next record or the directory")
+            raise Invalid(f"local header of {name} has a bad signature")
+        if name_length != len(raw_name) or not buffer.startswith(
+            raw_name, start + _LOCAL_HEADER_SIZE
+        ):
+            raise Invalid(f"local header of {name} names another record")
+        data_offset = header_offset + length + extra_length
+        if data_offset + compressed_size > limit:
+            raise Invalid(f"record {name} overlaps the next record or the directory")
+        if record is pickle_record:
+            pickle_data_offset = data_offset
+    return pickle_data_offset
 
 
-def _read_stored_record(file: FileReader, record: _ZipRecord) -> bytes:
+def _read_stored_record(file: FileReader, record: tuple, data_offset: int) -> bytes:
     """Read one uncompressed record, as torch.save writes them, and check its CRC-32."""
-    if record.method != 0:
+    _header_offset, name, _raw_name, _flags, method, crc, compressed_size, size = record
+    if method != 0:
         raise Invalid(
-            f"{record.name} is compressed with method {record.method}, "
-            "but torch.save stores records uncompressed"
+            f"{name} is compressed with method {method}, but torch.save stores records uncompressed"
         )
-    if record.compressed_size != record.uncompressed_size:
-        raise Invalid(f"directory entry of {record.name} has inconsistent sizes")
-    if record.uncompressed_size > MAX_PICKLE_BYTES:
+    if compressed_size != size:
+        raise Invalid(f"directory entry of {name} has inconsistent sizes")
+    if size > MAX_PICKLE_BYTES:
         raise Invalid(
-            f"{record.name} is {record.uncompressed_size} bytes, over the "
-            f"{MAX_PICKLE_BYTES}-byte limit of this check"
+            f"{name} is {size} bytes, over the {MAX_PICKLE_BYTES}-byte limit of this check"
         )
-    data = file.read_exact(record.compressed_size, record.data_offset, record.name)
+    data = file.read_exact(size, data_offset, name)
     # Under torch.serialization.set_crc32_options(False), torch 2.13 writes CRC 0 for every
     # record and torch.load accepts the file, so 0 means that no CRC was recorded.
-    if record.crc != 0 and zlib.crc32(data) != record.crc:
-        raise Invalid(f"CRC-32 mismatch in {record.name}")
+    if crc != 0 and zlib.crc32(data) != crc:
+        raise Invalid(f"CRC-32 mismatch in {name}")
     return data
 
 
-def _archive_prefix(records: list[_ZipRecord]) -> str:
+def _archive_prefix(records: dict[str, tuple]) -> str:
     """Return the folder all records sit in; torch's reader takes it from the first record."""
     if not records:
         raise Invalid("not a torch archive: zip has no records")
-    prefix, slash, _rest = records[0].name.partition("/")
+    first_name = next(iter(records))
+    prefix, slash, _rest = first_name.partition("/")
     if not slash:
-        raise Invalid(f"not a torch archive: first record {records[0].name!r} is not in a folder")
+        raise Invalid(f"not a torch archive: first record {first_name!r} is not in a folder")
     return prefix
 
 
 def _check_storage_records(
-    storages: dict[str, StorageRef], by_name: dict[str, _ZipRecord], prefix: str
+    storages: dict[str, StorageRef], records: dict[str, tuple], prefix: str
 ) -> None:
     data_folder = f"{prefix}/data/"
-    for ref in storages.values():
-        record = by_name.get(data_folder + ref.key)
+    for key, type_name, numel in storages.values():
+        record = records.get(data_folder + key)
         if record is None:
-            raise Invalid(f"storage data/{ref.key} named in data.pkl has no record")
-        element_size = STORAGE_ELEMENT_SIZES.get(ref.type_name)
+            raise Invalid(f"storage data/{key} named in data.pkl has no record")
+        element_size = STORAGE_ELEMENT_SIZES.get(type_name)
         if element_size is None:
             continue
         # torch 2.13 writes exactly numel * element size bytes. Its loader raises on a record
         # of any other size, longer ones included, unless it loads with mmap=True.
-        expected = ref.numel * element_size
-        if record.uncompressed_size != expected:
+        expected = numel * element_size
+        size = record[_UNCOMPRESSED_SIZE]
+        if size != expected:
             raise Invalid(
-                f"storage data/{ref.key} has {record.uncompressed_size} bytes, "
-                f"data.pkl expects {expected} ({ref.numel} x {ref.type_name})"
+                f"storage data/{key} has {size} bytes, "
+                f"data.pkl expects {expected} ({numel} x {type_name})"
             )
 
 
@@ -300,22 +307,17 @@ def check_zip(file: FileReader, size: int) -> str:
     if size > TAIL_WINDOW_BYTES:
         # A smaller file is already in the window whole.
         file.load_tail(size)
-    end = _read_zip_end(file, size)
-    records = _read_central_directory(file, end)
-    by_name: dict[str, _ZipRecord] = {}
-    for record in records:
-        if record.name in by_name:
-            raise Invalid(f"duplicate record {record.name}")
-        by_name[record.name] = record
+    cd_offset, cd_size, entries = _read_zip_end(file, size)
+    records = _read_central_directory(file, cd_offset, cd_size, entries)
     prefix = _archive_prefix(records)
-    pickle_record = by_name.get(f"{prefix}/data.pkl")
+    pickle_record = records.get(f"{prefix}/data.pkl")
     if pickle_record is None:
         raise Invalid(f"not a torch archive: no {prefix}/data.pkl record")
-    if f"{prefix}/version" not in by_name and f"{prefix}/.data/version" not in by_name:
+    if f"{prefix}/version" not in records and f"{prefix}/.data/version" not in records:
         raise Invalid(f"not a torch archive: no {prefix}/version record")
 
-    _check_local_headers(file, records, end.cd_offset)
-    data = _read_stored_record(file, pickle_record)
+    data_offset = _check_local_headers(file, records.values(), cd_offset, pickle_record)
+    data = _read_stored_record(file, pickle_record, data_offset)
     storages = load_storages(data, "data.pkl")
-    _check_storage_records(storages, by_name, prefix)
+    _check_storage_records(storages, records, prefix)
     return f"complete zip archive, {count_noun(len(storages), 'storage')}"

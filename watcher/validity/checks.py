@@ -57,6 +57,14 @@ def check_fd(fd: int) -> Verdict:
     """
     try:
         st = os.fstat(fd)
+    except OSError as exc:
+        return Verdict(False, f"unreadable: {exc.strerror}")
+    return _check_open_file(fd, st)
+
+
+def _check_open_file(fd: int, st: os.stat_result) -> Verdict:
+    """Check the file open as `fd`, whose os.fstat result is `st`."""
+    try:
         if not stat.S_ISREG(st.st_mode):
             return Verdict(False, f"not a regular file: {_file_type_name(st.st_mode)}")
         if st.st_size == 0:
@@ -69,6 +77,22 @@ def check_fd(fd: int) -> Verdict:
 
 
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+# O_NOATIME keeps the reads of the check from updating the file's access time, which would
+# dirty the inode. Linux rejects it with EPERM unless the caller owns the file or has
+# CAP_FOWNER.
+_OPEN_FLAGS_NOATIME = _OPEN_FLAGS | getattr(os, "O_NOATIME", 0)
+
+
+def _open_for_check(dir_fd: int | None, name: str) -> int:
+    """Open `name` with O_NOATIME, or without it when the caller may not use it on this file."""
+    try:
+        return os.open(name, _OPEN_FLAGS_NOATIME, dir_fd=dir_fd)
+    except PermissionError as exc:
+        # Whether O_NOATIME is allowed depends on the owner of each file, so the retry is
+        # per file and nothing is remembered.
+        if exc.errno != errno.EPERM or _OPEN_FLAGS_NOATIME == _OPEN_FLAGS:
+            raise
+    return os.open(name, _OPEN_FLAGS, dir_fd=dir_fd)
 
 
 def stat_key(st: os.stat_result) -> tuple[int, int, int, int, int]:
@@ -82,7 +106,7 @@ def open_and_check(dir_fd: int | None, name: str) -> tuple[Verdict, tuple | None
     The key is None when the file could not be opened or changed while it was checked.
     """
     try:
-        fd = os.open(name, _OPEN_FLAGS, dir_fd=dir_fd)
+        fd = _open_for_check(dir_fd, name)
     except OSError as exc:
         reason = f"unreadable: {exc.strerror}"
         if exc.errno == errno.ELOOP:
@@ -92,7 +116,7 @@ def open_and_check(dir_fd: int | None, name: str) -> tuple[Verdict, tuple | None
         before = os.fstat(fd)
         if not stat.S_ISREG(before.st_mode):
             return Verdict(False, f"not a regular file: {_file_type_name(before.st_mode)}"), None
-        verdict = check_fd(fd)
+        verdict = _check_open_file(fd, before)
         after = os.fstat(fd)
     finally:
         os.close(fd)
