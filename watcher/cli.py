@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import sys
@@ -192,12 +193,17 @@ def run_once(policy: Policy) -> int:
         return EXIT_RUNTIME
     try:
         lock_fd = _lock_for_once(dir_fd, policy)
+        # The automatic collections of the garbage collector walk every entry of the pass again
+        # and again (about 0.3 s at 100,000 files), and a pass makes no reference cycles to
+        # collect: a collection after two passes over 20,000 files found 176 objects.
+        gc.disable()
         try:
             summary = Pruner(policy, report=print, processes=process_count()).run(dir_fd)
         except KeyboardInterrupt:
             log.error("interrupted: the pass stopped part way; files not reached are untouched")
             return EXIT_INTERRUPTED
         finally:
+            gc.enable()
             if lock_fd is not None:
                 os.close(lock_fd)
     except (LockError, UnsafePlanError) as error:

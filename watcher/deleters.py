@@ -31,15 +31,15 @@ MIN_FILES = 1000
 """Smallest plan that is spread. Below it one process deletes, because the forks and reports
 would cost more than they save (an estimate: 3 forks take a few ms, a file about 0.1 ms)."""
 
-MAX_PROCESSES = 3
+MAX_PROCESSES = 6
 """Most deleting processes a pass starts."""
 
 _INDEX = struct.Struct("=I")
 _BATCH = 16
 """Indexes per write. A write of at most PIPE_BUF bytes is atomic and every write contains whole
 indexes, so a read of a multiple of their size returns whole ones, whichever process makes it."""
-_READ_BYTES = 4 * _INDEX.size
-"""At most 4 indexes per read: fewer reads, while the processes still share the work evenly."""
+_READ_BYTES = _BATCH * _INDEX.size
+"""At most one batch per read."""
 
 _PR_SET_PDEATHSIG = 1
 
@@ -48,14 +48,16 @@ def process_count() -> int:
     """Return how many processes a large one-shot pass should delete from; 1 means no forking.
 
     The main process keeps one core busy with checks. The deleting processes spend much of their
-    time waiting on the disk, so there is one more of them than cores, up to MAX_PROCESSES.
-    NOTE: only 2 cores were measured. With more, the single checking process becomes the limit.
+    time waiting on the disk, so there are two of them per core, up to MAX_PROCESSES. On 2 cores
+    and 100,000 files, 4 were about 9% faster than 3 and 6 about 3% faster than 4, while each
+    holds about 100 MB of its own. NOTE: only 2 cores were measured. With more, the single
+    checking process becomes the limit.
     """
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
-    return 1 if cores < 2 else min(MAX_PROCESSES, cores + 1)
+    return 1 if cores < 2 else min(MAX_PROCESSES, 2 * cores)
 
 
 def can_fork(processes: int, files: int) -> bool:

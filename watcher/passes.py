@@ -22,6 +22,7 @@ from watcher.prune import (
 )
 from watcher.scan import LOCK_NAME, Entry, Kind, NameMatcher, lookup, resolve_links, scan_folder
 from watcher.validity import ValidityCache, Verdict, stat_key
+from watcher.validity.checks import open_and_check
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,8 @@ class Pruner:
             entry = decision.entry
             if entry.name not in deferred:
                 return None
-            verdict = self.cache.check(dir_fd, entry.name, entry.stat)
+            # Not through the cache: the file is deleted next, or kept with this verdict.
+            verdict, _key = open_and_check(dir_fd, entry.name)
             if verdict.valid or not _unchanged_since_scan(dir_fd, entry):
                 return None  # valid, or gone or replaced: the deletion finds that out
             return verdict
