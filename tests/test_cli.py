@@ -275,6 +275,24 @@ def test_interrupted_deletion_is_restored(folder: Path) -> None:
     assert f"restored '{ck(500)}'" in result.stderr
 
 
+def test_leftover_hidden_file_survives(folder: Path, samples: Samples) -> None:
+    """A hidden leftover whose name a newer save took is never restored over it, nor deleted."""
+    hidden = folder / f".ckpt-watcher.pruning.{ck(200)}"
+    older = samples.valid + b"older version"
+    hidden.write_bytes(older)
+
+    result = run_watcher(str(folder), "--once")
+
+    assert result.returncode == 1, result.stderr
+    assert hidden.read_bytes() == older
+    assert ck(200) in names(folder)
+    assert names(folder) - {ck(200), hidden.name} == {ck(400), ck(500), ".ckpt-watcher.lock"}
+    assert f"restored '{ck(200)}'" not in result.stderr
+    assert f"cannot restore '{ck(200)}'" in result.stderr
+    assert "is taken by a file that an interrupted deletion left" in result.stderr
+    assert f"pruned '{ck(200)}'" not in result.stderr
+
+
 def test_other_hidden_prefix_names_stay(folder: Path) -> None:
     """Only a regular file with a checkpoint name behind the prefix is the watcher's to restore."""
     prefix = ".ckpt-watcher.pruning."

@@ -127,6 +127,11 @@ def _prune_one(decision: Decision, dir_fd: int, result: PruneResult) -> None:
     entry = decision.entry
     hidden = PRUNING_PREFIX + entry.name
     try:
+        if _exists(hidden, dir_fd):
+            # rename() would replace that file, which an interrupted deletion left and which
+            # the watcher must not delete.
+            result.failures.append((decision, _HIDDEN_NAME_TAKEN.format(hidden=hidden)))
+            return
         os.rename(entry.name, hidden, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except FileNotFoundError:
         log.info("already gone, nothing to prune: %r", entry.name)
@@ -141,13 +146,13 @@ def _prune_one(decision: Decision, dir_fd: int, result: PruneResult) -> None:
         current = os.stat(hidden, dir_fd=dir_fd, follow_symlinks=False)
         if not same_file_version(entry.stat, current):
             # A link swapped in or a new save since the scan: the plan does not apply to it.
-            _restore(hidden, entry.name, dir_fd)
+            _put_back(hidden, entry.name, dir_fd)
             log.warning("%r changed since the scan, left in place for the next pass", entry.name)
             result.skipped += 1
             return
         os.unlink(hidden, dir_fd=dir_fd)
     except OSError as error:
-        _restore(hidden, entry.name, dir_fd)
+        _put_back(hidden, entry.name, dir_fd)
         result.failures.append((decision, _deletion_error(error)))
         return
     log.info("pruned %s", describe_decision(decision))
@@ -156,29 +161,50 @@ def _prune_one(decision: Decision, dir_fd: int, result: PruneResult) -> None:
     result.bytes_freed += entry.stat.st_size
 
 
-def _restore(hidden: str, name: str, dir_fd: int) -> None:
-    """Put a file back under its name, unless a newer file took the name meanwhile."""
+_HIDDEN_NAME_TAKEN = (
+    "its hidden name {hidden!r} is taken by a file that an interrupted deletion left; the watcher "
+    "never deletes that file, so move it away or delete it by hand"
+)
+
+
+def _exists(name: str, dir_fd: int) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _restore(hidden: str, name: str, dir_fd: int) -> bool:
+    """Put a file back under its name, unless another file has the name; return whether it did.
+
+    The file stays under its hidden name when the name is taken, and nothing happens when the
+    hidden name is gone.
+    """
     try:
         # link() never replaces an existing name, unlike rename(), so a newer file is safe.
         os.link(hidden, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
     except FileExistsError:
-        log.warning(
-            "%r was replaced twice during its deletion; the older file is kept as %r", name, hidden
-        )
-        return
+        return False
     except FileNotFoundError:
-        return
+        return False
     except OSError:
         # NOTE: on a filesystem without hard links this rename can replace a file that took the
         # name in the microseconds since the check below.
-        try:
-            os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        except FileNotFoundError:
-            os.rename(hidden, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-            return
-        log.warning("cannot restore %r, because the name is taken; it is kept as %r", name, hidden)
-        return
+        if _exists(name, dir_fd):
+            return False
+        os.rename(hidden, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        return True
     os.unlink(hidden, dir_fd=dir_fd)
+    return True
+
+
+def _put_back(hidden: str, name: str, dir_fd: int) -> None:
+    """Restore a file that a deletion hid, warning when a newer file took its name meanwhile."""
+    if not _restore(hidden, name, dir_fd) and _exists(hidden, dir_fd):
+        log.warning(
+            "%r was replaced twice during its deletion; the older file is kept as %r", name, hidden
+        )
 
 
 def restore_interrupted(dir_fd: int, names: list[str]) -> None:
@@ -186,11 +212,22 @@ def restore_interrupted(dir_fd: int, names: list[str]) -> None:
     for hidden in names:
         name = hidden[len(PRUNING_PREFIX) :]
         try:
-            _restore(hidden, name, dir_fd)
+            restored = _restore(hidden, name, dir_fd)
         except OSError as error:
             log.warning("cannot restore %r to %r: %s", hidden, name, error)
             continue
-        log.info("restored %r, hidden by a deletion that was interrupted, for the next pass", name)
+        if restored:
+            log.info(
+                "restored %r, hidden by a deletion that was interrupted, for the next pass", name
+            )
+        elif _exists(hidden, dir_fd):
+            log.warning(
+                "cannot restore %r, hidden by a deletion that was interrupted, because another "
+                "file now has that name; the hidden file %r stays and is never deleted, so move "
+                "it away or delete it by hand",
+                name,
+                hidden,
+            )
 
 
 def _deletion_error(error: OSError) -> str:
