@@ -195,7 +195,7 @@ def run_once(policy: Policy) -> int:
         lock_fd = _lock_for_once(dir_fd, policy)
         # The automatic collections of the garbage collector walk every entry of the pass again
         # and again (about 0.3 s at 100,000 files), and a pass makes no reference cycles to
-        # collect: a collection after two passes over 20,000 files found 176 objects.
+        # collect: a collection after two passes over 20,000 files found 176 objects to free.
         gc.disable()
         try:
             summary = Pruner(policy, report=print, processes=process_count()).run(dir_fd)

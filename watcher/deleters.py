@@ -50,7 +50,7 @@ def process_count() -> int:
     The main process keeps one core busy with checks. The deleting processes spend much of their
     time waiting on the disk, so there are two of them per core, up to MAX_PROCESSES. On 2 cores
     and 100,000 files, 4 were about 9% faster than 3 and 6 about 3% faster than 4, while each
-    holds about 100 MB of its own. NOTE: only 2 cores were measured. With more, the single
+    keeps about 100 MB of its own. NOTE: only 2 cores were measured. With more, the single
     checking process becomes the limit.
     """
     try:

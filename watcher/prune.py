@@ -176,7 +176,7 @@ def _exists(name: str, dir_fd: int) -> bool:
 
 
 def _restore(hidden: str, name: str, dir_fd: int) -> bool:
-    """Put a file back under its name, unless another file has the name; return whether it did.
+    """Put a file back under its name unless another file has that name, and return whether it did.
 
     The file stays under its hidden name when the name is taken, and nothing happens when the
     hidden name is gone.
