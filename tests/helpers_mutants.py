@@ -40,7 +40,7 @@ ORIGINAL_SCAN = watcher.passes.scan_folder
 def _ranked(entries, key) -> list[Entry]:
     """Return the entries with each step replaced by its rank under key."""
     ordered = sorted(entries, key=key)
-    return [dataclasses.replace(entry, step=rank) for rank, entry in enumerate(ordered)]
+    return [entry._replace(step=rank) for rank, entry in enumerate(ordered)]
 
 
 def links_ignored(checkpoints, verdicts, link_targets, policy, *rest):
@@ -73,7 +73,7 @@ def time_order(checkpoints, verdicts, link_targets, policy, *rest):
 
 
 def series_merged(checkpoints, verdicts, link_targets, policy, *rest):
-    merged = [dataclasses.replace(entry, series="") for entry in checkpoints]
+    merged = [entry._replace(series="") for entry in checkpoints]
     return ORIGINAL_PLAN(merged, verdicts, link_targets, policy, *rest)
 
 

@@ -160,8 +160,12 @@ def test_pass_follows_rules(spec: FolderSpec) -> None:
         assert run_pass(first, spec).pruned == 0, "second pass pruned (new pruner)"
         assert snapshot(first.folder) == settled
 
-        run_pass(second, spec)
+        # The other layout goes through the one-pass mode that --once uses.
+        one_pass_pruner = Pruner(policy_for(spec, second.folder), single_pass=True)
+        run_pass(second, spec, one_pass_pruner)
         assert names_in(second.folder) == names_in(first.folder), "result depends on the layout"
+        with pytest.raises(RuntimeError, match="only one pass"):
+            run_pass(second, spec, one_pass_pruner)
 
 
 @settings(PROFILE)

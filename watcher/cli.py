@@ -198,7 +198,8 @@ def run_once(policy: Policy) -> int:
         # collect: a collection after two passes over 20,000 files found 176 objects to free.
         gc.disable()
         try:
-            summary = Pruner(policy, report=print, processes=process_count()).run(dir_fd)
+            pruner = Pruner(policy, report=print, processes=process_count(), single_pass=True)
+            summary = pruner.run(dir_fd)
         except KeyboardInterrupt:
             log.error("interrupted: the pass stopped part way; files not reached are untouched")
             return EXIT_INTERRUPTED

@@ -17,13 +17,17 @@ from __future__ import annotations
 
 import enum
 import functools
+import operator
 from collections import defaultdict
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from watcher.config import Policy
 from watcher.scan import Entry
 from watcher.validity import Verdict
+
+_STEP_ORDER = operator.attrgetter("step", "name")
 
 
 class Action(enum.Enum):
@@ -31,8 +35,9 @@ class Action(enum.Enum):
     PRUNE = "prune"
 
 
-@dataclass(frozen=True)
-class Decision:
+class Decision(NamedTuple):
+    """The action for one checkpoint and its reason; a named tuple, as a plan makes one per file."""
+
     entry: Entry
     action: Action
     reason: str
@@ -74,9 +79,10 @@ def plan_retention(
         by_series[entry.series].append(entry)
 
     decisions: list[Decision] = []
+    arrivals = set(arrivals)
     for series in sorted(by_series):
-        entries = sorted(by_series[series], key=lambda e: (e.step, e.name))
-        decisions.extend(_plan_series(entries, verdicts, link_targets, policy, set(arrivals)))
+        entries = sorted(by_series[series], key=_STEP_ORDER)
+        decisions.extend(_plan_series(entries, verdicts, link_targets, policy, arrivals))
     _check_newest_kept(decisions, verdicts)
     return Plan(tuple(decisions))
 
@@ -99,40 +105,34 @@ def _plan_series(
     if newest:
         prune_reason += f" (the oldest of those is step {newest[-1].step})"
 
+    # The tests of policy.is_milestone and _is_valid, inline: this loop runs once per file.
+    keep_every = policy.keep_every
+    milestones = frozenset(policy.milestones)
     decisions = []
     for entry in entries:
-        reason = _reason_to_keep(entry, verdicts, link_targets, policy, newest_names, arrivals)
-        if reason is not None:
-            decisions.append(Decision(entry, Action.KEEP, reason))
+        name = entry.name
+        verdict = verdicts.get(name)
+        if verdict is None or not verdict.valid:
+            detail = verdict.reason if verdict is not None else "not checked"
+            reason = f"invalid ({detail}): invalid files are never deleted"
+        elif link_targets and entry.identity in link_targets:
+            links = ", ".join(repr(link) for link in link_targets[entry.identity])
+            reason = f"target of symlink {links}"
+        elif keep_every is not None and entry.step % keep_every == 0:
+            reason = f"milestone (step divisible by {keep_every})"
+        elif entry.step in milestones:
+            reason = "milestone (listed in milestones)"
+        elif name in newest_names:
+            reason = f"among the newest {valid_checkpoints(policy.keep_last)} of its series"
+        elif name in arrivals:
+            reason = (
+                "the checkpoint of its series written most recently, although higher steps exist"
+            )
         else:
             decisions.append(Decision(entry, Action.PRUNE, prune_reason))
+            continue
+        decisions.append(Decision(entry, Action.KEEP, reason))
     return decisions
-
-
-def _reason_to_keep(
-    entry: Entry,
-    verdicts: Mapping[str, Verdict],
-    link_targets: Mapping[tuple[int, int], tuple[str, ...]],
-    policy: Policy,
-    newest_names: set[str],
-    arrivals: set[str],
-) -> str | None:
-    if not _is_valid(entry, verdicts):
-        verdict = verdicts.get(entry.name)
-        detail = verdict.reason if verdict is not None else "not checked"
-        return f"invalid ({detail}): invalid files are never deleted"
-    if entry.identity in link_targets:
-        links = ", ".join(repr(name) for name in link_targets[entry.identity])
-        return f"target of symlink {links}"
-    if policy.keep_every is not None and entry.step % policy.keep_every == 0:
-        return f"milestone (step divisible by {policy.keep_every})"
-    if entry.step in policy.milestones:
-        return "milestone (listed in milestones)"
-    if entry.name in newest_names:
-        return f"among the newest {valid_checkpoints(policy.keep_last)} of its series"
-    if entry.name in arrivals:
-        return "the checkpoint of its series written most recently, although higher steps exist"
-    return None
 
 
 def valid_checkpoints(count: int) -> str:
@@ -150,7 +150,8 @@ def _check_newest_kept(decisions: list[Decision], verdicts: Mapping[str, Verdict
     newest: dict[str, Decision] = {}
     for decision in decisions:
         entry = decision.entry
-        if not _is_valid(entry, verdicts):
+        verdict = verdicts.get(entry.name)
+        if verdict is None or not verdict.valid:
             continue
         best = newest.get(entry.series)
         if best is None or (entry.step, entry.name) > (best.entry.step, best.entry.name):

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from watcher.deleters import ForkFailed, can_fork, run_spread
+from watcher.logs import info_writer
 from watcher.policy import Decision, Plan
 from watcher.validity import Verdict
 
@@ -63,9 +64,10 @@ def execute_plan(
     watcher.deleters); the caller must have no other thread running.
     """
     decisions = plan.pruned
+    note = info_writer(log)
     if not dry_run and can_fork(processes, len(decisions)):
         try:
-            return _execute_spread(decisions, dir_fd, confirm, processes)
+            return _execute_spread(decisions, dir_fd, confirm, processes, note)
         except ForkFailed as error:
             log.warning("%s; deleting from this process alone", error.strerror)
     result = PruneResult()
@@ -76,7 +78,7 @@ def execute_plan(
             result.pruned += 1
             result.bytes_freed += decision.entry.stat.st_size
         else:
-            _prune_one(decision, dir_fd, result)
+            _prune_one(decision, dir_fd, result, note)
     return result
 
 
@@ -88,7 +90,9 @@ def _confirmed(decision: Decision, confirm, result: PruneResult) -> bool:
     return verdict is None
 
 
-def _execute_spread(decisions: list[Decision], dir_fd: int, confirm, processes: int) -> PruneResult:
+def _execute_spread(
+    decisions: list[Decision], dir_fd: int, confirm, processes: int, note: Callable[[str], None]
+) -> PruneResult:
     """Check each file here and have forked processes delete the ones that pass."""
     # This process records the files the check keeps. Each deleting process fills its own copy,
     # forked while still empty, and sends it back.
@@ -105,7 +109,10 @@ def _execute_spread(decisions: list[Decision], dir_fd: int, confirm, processes: 
         processes,
     )
     reports, lost = run_spread(
-        feed(), processes, lambda index: _prune_one(decisions[index], dir_fd, own), lambda: own
+        feed(),
+        processes,
+        lambda index: _prune_one(decisions[index], dir_fd, own, note),
+        lambda: own,
     )
     result = own
     for report in reports:
@@ -116,8 +123,12 @@ def _execute_spread(decisions: list[Decision], dir_fd: int, confirm, processes: 
     return result
 
 
-def _prune_one(decision: Decision, dir_fd: int, result: PruneResult) -> None:
+def _prune_one(
+    decision: Decision, dir_fd: int, result: PruneResult, note: Callable[[str], None]
+) -> None:
     """Delete one checkpoint, making sure the file deleted is the one the plan was made for.
+
+    `note` logs the deletion (see watcher.logs.info_writer).
 
     The name is first renamed to a hidden name, so whatever sits under the name at that instant is
     out of reach of any writer. Only then is it compared with the scanned file. A new save or a
@@ -155,7 +166,7 @@ def _prune_one(decision: Decision, dir_fd: int, result: PruneResult) -> None:
         _put_back(hidden, entry.name, dir_fd)
         result.failures.append((decision, _deletion_error(error)))
         return
-    log.info("pruned %s", describe_decision(decision))
+    note("pruned " + describe_decision(decision))
     result.gone.append(entry.name)
     result.pruned += 1
     result.bytes_freed += entry.stat.st_size

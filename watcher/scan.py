@@ -7,6 +7,7 @@ import os
 import re
 import stat
 from dataclasses import dataclass
+from typing import NamedTuple
 
 LOCK_NAME = ".ckpt-watcher.lock"
 """Lock file kept in the watched folder. It has no digits, so no pattern can make it a checkpoint."""
@@ -18,9 +19,12 @@ class Kind(enum.Enum):
     OTHER = "other"
 
 
-@dataclass(frozen=True)
-class Entry:
-    """One name directly inside the folder, as seen by a single scan."""
+class Entry(NamedTuple):
+    """One name directly inside the folder, as seen by a single scan.
+
+    A named tuple rather than a dataclass: a scan makes one per name, up to 100,000 of them and
+    more, and a tuple takes half the time to build.
+    """
 
     name: str
     kind: Kind
@@ -56,18 +60,18 @@ class NameMatcher:
     def __init__(self, pattern: str) -> None:
         head, tail = pattern.split("*", 1)
         self.pattern = pattern
-        self._regex = re.compile(_translate(head) + "(?P<star>.*)" + _translate(tail), re.DOTALL)
+        # Each part of the head matches one character, so the text of the first `*` starts at the
+        # same place in every match. Its leading digits are therefore the digits group: as many
+        # as the longest match of the `*` allows, and at least one.
+        self._regex = re.compile(_translate(head) + "([0-9]+).*" + _translate(tail), re.DOTALL)
 
     def match(self, name: str) -> tuple[int, str] | None:
         """Return (step, series) for a checkpoint name, or None."""
         found = self._regex.fullmatch(name)
         if found is None:
             return None
-        start = found.start("star")
-        digits = len(found["star"]) - len(found["star"].lstrip("0123456789"))
-        if digits == 0:
-            return None
-        return int(name[start : start + digits]), name[:start] + name[start + digits :]
+        start, end = found.span(1)
+        return int(found[1]), name[:start] + name[end:]
 
 
 def scan_folder(dir_fd: int, matcher: NameMatcher) -> Listing:
@@ -76,22 +80,18 @@ def scan_folder(dir_fd: int, matcher: NameMatcher) -> Listing:
     link_names: list[str] = []
     with os.scandir(dir_fd) as listing:
         for item in listing:
-            entry = _classify(item, matcher)
-            if entry is not None:
-                entries.append(entry)
-                if entry.kind is Kind.LINK:
-                    link_names.append(entry.name)
+            name = item.name
+            try:
+                info = item.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # removed between listing and stat
+            except PermissionError as error:
+                raise _lookup_error(name, error) from None
+            entry = classify(name, info, matcher)
+            entries.append(entry)
+            if entry.kind is Kind.LINK:
+                link_names.append(name)
     return Listing(tuple(entries), resolve_links(dir_fd, link_names))
-
-
-def _classify(item: os.DirEntry, matcher: NameMatcher) -> Entry | None:
-    try:
-        info = item.stat(follow_symlinks=False)
-    except FileNotFoundError:
-        return None  # removed between listing and stat
-    except PermissionError as error:
-        raise _lookup_error(item.name, error) from None
-    return classify(item.name, info, matcher)
 
 
 def lookup(dir_fd: int, name: str, matcher: NameMatcher) -> Entry | None:
@@ -107,13 +107,19 @@ def lookup(dir_fd: int, name: str, matcher: NameMatcher) -> Entry | None:
 
 def classify(name: str, info: os.stat_result, matcher: NameMatcher) -> Entry:
     """Classify a name from its own lstat result."""
-    if stat.S_ISLNK(info.st_mode):
-        return Entry(name, Kind.LINK, stat=info)
-    found = matcher.match(name) if name != LOCK_NAME else None
-    if found is None or not stat.S_ISREG(info.st_mode):
-        return Entry(name, Kind.OTHER, stat=info)
-    step, series = found
-    return Entry(name, Kind.CHECKPOINT, step=step, series=series, stat=info)
+    mode = info.st_mode
+    if S_ISLNK(mode):
+        return Entry(name, LINK, None, None, info)
+    found = matcher.match(name) if S_ISREG(mode) and name != LOCK_NAME else None
+    if found is None:
+        return Entry(name, OTHER, None, None, info)
+    return Entry(name, CHECKPOINT, found[0], found[1], info)
+
+
+# Module-level names for classify(), which runs once per name in the folder.
+S_ISLNK = stat.S_ISLNK
+S_ISREG = stat.S_ISREG
+LINK, OTHER, CHECKPOINT = Kind.LINK, Kind.OTHER, Kind.CHECKPOINT
 
 
 def _lookup_error(name: str, error: PermissionError) -> PermissionError:
