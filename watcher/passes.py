@@ -203,8 +203,16 @@ class Pruner:
                 return None  # valid, or gone or replaced: the deletion finds that out
             return verdict
 
+        hidden_names = [e.name for e in listing.entries if e.name.startswith(PRUNING_PREFIX)]
         summary, kept_invalid = self._carry_out(
-            plan, dir_fd, folder, len(checkpoints), started, partial=False, confirm=confirm
+            plan,
+            dir_fd,
+            folder,
+            len(checkpoints),
+            started,
+            partial=False,
+            confirm=confirm,
+            hidden_names=hidden_names,
         )
         for name, verdict in kept_invalid.items():
             verdicts[name] = verdict
@@ -380,11 +388,12 @@ class Pruner:
         started: float,
         partial: bool,
         confirm: Callable | None = None,
+        hidden_names: list[str] | None = None,
     ) -> tuple[PassSummary, dict[str, Verdict]]:
         """Log the plan, delete what it prunes, update the folder model and summarise.
 
         `total` is the number of checkpoints before the deletions. `folder` is None in a single
-        pass, which keeps no model. Also return the files that `confirm` kept as invalid, with
+        pass, which keeps no model. `hidden_names` are as in execute_plan. Also return the files that `confirm` kept as invalid, with
         their verdicts.
         """
         for decision in plan.kept:
@@ -393,7 +402,7 @@ class Pruner:
             )
         # Only a full pass may fork: a pass over names runs in the daemon, beside its threads.
         processes = 1 if partial else self.processes
-        result = execute_plan(plan, dir_fd, self.policy.dry_run, confirm, processes)
+        result = execute_plan(plan, dir_fd, self.policy.dry_run, confirm, processes, hidden_names)
         for name in result.gone if folder is not None else ():
             entry = folder.entries.get(name)
             if entry is not None:

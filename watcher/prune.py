@@ -6,7 +6,7 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from watcher.deleters import ForkFailed, can_fork, run_spread
@@ -52,6 +52,7 @@ def execute_plan(
     dry_run: bool,
     confirm: Callable[[Decision], Verdict | None] | None = None,
     processes: int = 1,
+    hidden_names: Collection[str] | None = None,
 ) -> PruneResult:
     """Delete each file the plan prunes, logging the file, its step, series, reason and size.
 
@@ -62,12 +63,18 @@ def execute_plan(
 
     With `processes` above 1, a large plan is carried out by that many forked processes (see
     watcher.deleters); the caller must have no other thread running.
+
+    `hidden_names`, from a scan just before, are the names in the folder that start with
+    PRUNING_PREFIX. A deletion whose hidden name is among them fails, as a deletion whose hidden
+    name is taken must. Without them each deletion looks its hidden name up first. The scan sees
+    every file an interrupted deletion left, and while the watcher holds the folder's lock, only
+    its own deletions make new hidden names, each for a name it prunes once.
     """
     decisions = plan.pruned
-    note = info_writer(log)
+    delete = _Deleter(dir_fd, info_writer(log), hidden_names)
     if not dry_run and can_fork(processes, len(decisions)):
         try:
-            return _execute_spread(decisions, dir_fd, confirm, processes, note)
+            return _execute_spread(decisions, confirm, processes, delete)
         except ForkFailed as error:
             log.warning("%s; deleting from this process alone", error.strerror)
     result = PruneResult()
@@ -78,7 +85,7 @@ def execute_plan(
             result.pruned += 1
             result.bytes_freed += decision.entry.stat.st_size
         else:
-            _prune_one(decision, dir_fd, result, note)
+            delete(decision, result)
     return result
 
 
@@ -91,7 +98,7 @@ def _confirmed(decision: Decision, confirm, result: PruneResult) -> bool:
 
 
 def _execute_spread(
-    decisions: list[Decision], dir_fd: int, confirm, processes: int, note: Callable[[str], None]
+    decisions: list[Decision], confirm, processes: int, delete: _Deleter
 ) -> PruneResult:
     """Check each file here and have forked processes delete the ones that pass."""
     # This process records the files the check keeps. Each deleting process fills its own copy,
@@ -111,7 +118,7 @@ def _execute_spread(
     reports, lost = run_spread(
         feed(),
         processes,
-        lambda index: _prune_one(decisions[index], dir_fd, own, note),
+        lambda index: delete(decisions[index], own),
         lambda: own,
     )
     result = own
@@ -123,53 +130,67 @@ def _execute_spread(
     return result
 
 
-def _prune_one(
-    decision: Decision, dir_fd: int, result: PruneResult, note: Callable[[str], None]
-) -> None:
-    """Delete one checkpoint, making sure the file deleted is the one the plan was made for.
+class _Deleter:
+    """Deletes single checkpoints of one plan; see execute_plan for its arguments."""
 
-    `note` logs the deletion (see watcher.logs.info_writer).
+    def __init__(
+        self, dir_fd: int, note: Callable[[str], None], hidden_names: Collection[str] | None
+    ) -> None:
+        self.dir_fd = dir_fd
+        self.note = note
+        self.hidden_names = None if hidden_names is None else frozenset(hidden_names)
 
-    The name is first renamed to a hidden name, so whatever sits under the name at that instant is
-    out of reach of any writer. Only then is it compared with the scanned file. A new save or a
-    link that replaced the file after the scan is put back, never deleted, and unlink never
-    follows a link.
-    """
-    entry = decision.entry
-    hidden = PRUNING_PREFIX + entry.name
-    try:
-        if _exists(hidden, dir_fd):
-            # rename() would replace that file, which an interrupted deletion left and which
-            # the watcher must not delete.
-            result.failures.append((decision, _HIDDEN_NAME_TAKEN.format(hidden=hidden)))
-            return
-        os.rename(entry.name, hidden, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    except FileNotFoundError:
-        log.info("already gone, nothing to prune: %r", entry.name)
-        result.skipped += 1
-        result.gone.append(entry.name)
-        return
-    except OSError as error:
-        result.failures.append((decision, _deletion_error(error)))
-        return
+    def __call__(self, decision: Decision, result: PruneResult) -> None:
+        """Delete one checkpoint, making sure the file deleted is the one the plan was made for.
 
-    try:
-        current = os.stat(hidden, dir_fd=dir_fd, follow_symlinks=False)
-        if not same_file_version(entry.stat, current):
-            # A link swapped in or a new save since the scan: the plan does not apply to it.
-            _put_back(hidden, entry.name, dir_fd)
-            log.warning("%r changed since the scan, left in place for the next pass", entry.name)
+        The name is first renamed to a hidden name, so whatever sits under the name at that
+        instant is out of reach of any writer. Only then is it compared with the scanned file. A
+        new save or a link that replaced the file after the scan is put back, never deleted, and
+        unlink never follows a link.
+        """
+        entry = decision.entry
+        dir_fd = self.dir_fd
+        hidden = PRUNING_PREFIX + entry.name
+        try:
+            if self._taken(hidden):
+                # rename() would replace that file, which an interrupted deletion left and which
+                # the watcher must not delete.
+                result.failures.append((decision, _HIDDEN_NAME_TAKEN.format(hidden=hidden)))
+                return
+            os.rename(entry.name, hidden, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except FileNotFoundError:
+            log.info("already gone, nothing to prune: %r", entry.name)
             result.skipped += 1
+            result.gone.append(entry.name)
             return
-        os.unlink(hidden, dir_fd=dir_fd)
-    except OSError as error:
-        _put_back(hidden, entry.name, dir_fd)
-        result.failures.append((decision, _deletion_error(error)))
-        return
-    note("pruned " + describe_decision(decision))
-    result.gone.append(entry.name)
-    result.pruned += 1
-    result.bytes_freed += entry.stat.st_size
+        except OSError as error:
+            result.failures.append((decision, _deletion_error(error)))
+            return
+
+        try:
+            current = os.stat(hidden, dir_fd=dir_fd, follow_symlinks=False)
+            if not same_file_version(entry.stat, current):
+                # A link swapped in or a new save since the scan: the plan does not apply to it.
+                _put_back(hidden, entry.name, dir_fd)
+                log.warning(
+                    "%r changed since the scan, left in place for the next pass", entry.name
+                )
+                result.skipped += 1
+                return
+            os.unlink(hidden, dir_fd=dir_fd)
+        except OSError as error:
+            _put_back(hidden, entry.name, dir_fd)
+            result.failures.append((decision, _deletion_error(error)))
+            return
+        self.note("pruned " + describe_decision(decision))
+        result.gone.append(entry.name)
+        result.pruned += 1
+        result.bytes_freed += entry.stat.st_size
+
+    def _taken(self, hidden: str) -> bool:
+        if self.hidden_names is None:
+            return _exists(hidden, self.dir_fd)
+        return hidden in self.hidden_names
 
 
 _HIDDEN_NAME_TAKEN = (
