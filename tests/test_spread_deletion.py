@@ -19,6 +19,7 @@ from conftest import REPO, Samples, run_watcher, wait_until, write_file
 from test_large_pass import MILESTONE_EVERY, build, ck
 
 import watcher.deleters
+import watcher.prune
 from watcher.config import Policy
 from watcher.deleters import MIN_FILES, process_count
 from watcher.passes import Pruner, open_folder
@@ -276,7 +277,7 @@ def test_one_deleting_process_stopped(
     assert "1 deleting process stopped early" in log.splitlines()[-1]
     # Only the files the stopped process had taken from the queue may be left, visible or
     # hidden, besides the newest 2. SIGTERM lets it finish the file in hand, so none is hidden.
-    queued = watcher.deleters._READ_BYTES // 4
+    queued = watcher.deleters.batch_size(watcher.prune._RECORD)
     assert len(visible(folder)) + len(hidden(folder)) <= 2 + queued
     if signum == signal.SIGTERM:
         assert not hidden(folder)
@@ -373,3 +374,25 @@ def test_closed_standard_streams(folder: Path, samples: Samples) -> None:
         )
         assert result.returncode == 0, result.stderr[-2000:]
         assert visible(folder) == {ck(SPREAD_COUNT - 1), ck(SPREAD_COUNT)}
+
+
+def test_fields_out_of_record_range(folder: Path, samples: Samples) -> None:
+    """A step over 2**63 - 1 or an mtime after 2262 does not fit the record that a deleting
+    process gets. The main process must delete such a file itself, with its log line."""
+    fill(folder, samples, SPREAD_COUNT)
+    huge = [2**64 + offset for offset in range(3)]
+    for step in huge:
+        write_file(folder / ck(step), samples.valid)
+    late_ns = 2**63 + 10**18  # in the year 2294
+    os.utime(folder / ck(5), ns=(late_ns, late_ns))
+    if os.stat(folder / ck(5)).st_mtime_ns != late_ns:
+        pytest.skip("this file system cannot store an mtime after 2262")
+
+    result = run_watcher(str(folder), "--once", "--keep-last", "2")
+
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert SPREAD_LINE in result.stderr
+    assert visible(folder) == {ck(huge[1]), ck(huge[2])}
+    assert f"pruned {ck(huge[0])!r} (step {huge[0]}," in result.stderr
+    assert f"pruned {ck(5)!r} (step 5," in result.stderr
+    assert result.stderr.count(": pruned '") == SPREAD_COUNT + 1

@@ -6,8 +6,10 @@ import errno
 import logging
 import os
 import stat
+import struct
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from watcher.deleters import ForkFailed, can_fork, run_spread
 from watcher.logs import info_writer
@@ -29,6 +31,9 @@ class PruneResult:
     """Files left in place because they changed or vanished since the scan."""
     failures: list[tuple[Decision, str]] = field(default_factory=list)
     """Deletions that failed, with the error, for the caller to report."""
+    failed: list[tuple[int, str]] = field(default_factory=list)
+    """The same while the plan runs, by index in Plan.pruned; execute_plan turns them into
+    failures."""
     gone: list[str] = field(default_factory=list)
     """Names deleted by this plan, or found gone already."""
     kept_invalid: dict[str, Verdict] = field(default_factory=dict)
@@ -41,6 +46,7 @@ class PruneResult:
         self.bytes_freed += other.bytes_freed
         self.skipped += other.skipped
         self.failures += other.failures
+        self.failed += other.failed
         self.gone += other.gone
         self.kept_invalid.update(other.kept_invalid)
         self.errors += other.errors
@@ -66,26 +72,30 @@ def execute_plan(
 
     `hidden_names`, from a scan just before, are the names in the folder that start with
     PRUNING_PREFIX. A deletion whose hidden name is among them fails, as a deletion whose hidden
-    name is taken must. Without them each deletion looks its hidden name up first. The scan sees
+    name is taken must. Without them each deletion looks its hidden name up first. The scan lists
     every file an interrupted deletion left, and while the watcher holds the folder's lock, only
     its own deletions make new hidden names, each for a name it prunes once.
     """
     decisions = plan.pruned
     delete = _Deleter(dir_fd, info_writer(log), hidden_names)
+    result = None
     if not dry_run and can_fork(processes, len(decisions)):
         try:
-            return _execute_spread(decisions, confirm, processes, delete)
+            result = _execute_spread(decisions, confirm, processes, delete)
         except ForkFailed as error:
             log.warning("%s; deleting from this process alone", error.strerror)
-    result = PruneResult()
-    for decision in decisions:
-        if not _confirmed(decision, confirm, result):
-            continue
-        if dry_run:
-            result.pruned += 1
-            result.bytes_freed += decision.entry.stat.st_size
-        else:
-            delete(decision, result)
+    if result is None:
+        result = PruneResult()
+        for index, decision in enumerate(decisions):
+            if not _confirmed(decision, confirm, result):
+                continue
+            if dry_run:
+                result.pruned += 1
+                result.bytes_freed += decision.entry.stat.st_size
+            else:
+                delete(_Target.of(decision, index), result)
+    result.failures += [(decisions[index], error) for index, error in result.failed]
+    result.failed.clear()
     return result
 
 
@@ -97,6 +107,45 @@ def _confirmed(decision: Decision, confirm, result: PruneResult) -> bool:
     return verdict is None
 
 
+class _Target(NamedTuple):
+    """The facts about one file that its deletion needs."""
+
+    index: int
+    """Index of the decision in Plan.pruned."""
+    name: str
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+    """Device, inode, size and mtime of the file when scanned."""
+    step: int
+    series: str
+    reason: str
+
+    @classmethod
+    def of(cls, decision: Decision, index: int) -> _Target:
+        entry = decision.entry
+        info = entry.stat
+        return cls(
+            index,
+            entry.name,
+            info.st_dev,
+            info.st_ino,
+            info.st_size,
+            info.st_mtime_ns,
+            entry.step,
+            entry.series,
+            decision.reason,
+        )
+
+
+_NAME_BYTES = 255
+_RECORD = struct.Struct(f"=IIQQqqqB{_NAME_BYTES}s")
+"""A _Target as sent to a deleting process: index, group, dev, ino, size, mtime_ns, step, the
+length of the name in bytes and the name. The group indexes a table of (series, reason) pairs
+made before the fork."""
+
+
 def _execute_spread(
     decisions: list[Decision], confirm, processes: int, delete: _Deleter
 ) -> PruneResult:
@@ -104,23 +153,56 @@ def _execute_spread(
     # This process records the files the check keeps. Each deleting process fills its own copy,
     # forked while still empty, and sends it back.
     own = PruneResult()
+    groups: list[tuple[str, str]] = []
+    group_of: list[int] = []
+    series = reason = None
+    for decision in decisions:  # in plan order, so the files of a series follow each other
+        if decision.entry.series != series or decision.reason != reason:
+            series, reason = decision.entry.series, decision.reason
+            groups.append((series, reason))
+        group_of.append(len(groups) - 1)
 
     def feed():
+        pack = _RECORD.pack
         for index, decision in enumerate(decisions):
-            if _confirmed(decision, confirm, own):
-                yield index
+            if not _confirmed(decision, confirm, own):
+                continue
+            entry = decision.entry
+            info = entry.stat
+            name = os.fsencode(entry.name)
+            try:
+                record = pack(
+                    index,
+                    group_of[index],
+                    info.st_dev,
+                    info.st_ino,
+                    info.st_size,
+                    info.st_mtime_ns,
+                    entry.step,
+                    len(name),
+                    name,
+                )
+            except struct.error:
+                # A field out of its range: a name over 255 bytes, a step over 2**63 - 1 or an
+                # mtime after the year 2262. This process deletes that file itself.
+                delete(_Target.of(decision, index), own)
+                continue
+            yield record
+
+    def work(fields: tuple) -> None:
+        index, group, dev, ino, size, mtime_ns, step, length, name = fields
+        series, reason = groups[group]
+        target = _Target(
+            index, os.fsdecode(name[:length]), dev, ino, size, mtime_ns, step, series, reason
+        )
+        delete(target, own)
 
     log.info(
         "checking %d files here and deleting the valid ones from %d processes",
         len(decisions),
         processes,
     )
-    reports, lost = run_spread(
-        feed(),
-        processes,
-        lambda index: delete(decisions[index], own),
-        lambda: own,
-    )
+    reports, lost = run_spread(feed(), _RECORD, processes, work, lambda: own)
     result = own
     for report in reports:
         result.add(report)
@@ -140,7 +222,7 @@ class _Deleter:
         self.note = note
         self.hidden_names = None if hidden_names is None else frozenset(hidden_names)
 
-    def __call__(self, decision: Decision, result: PruneResult) -> None:
+    def __call__(self, target: _Target, result: PruneResult) -> None:
         """Delete one checkpoint, making sure the file deleted is the one the plan was made for.
 
         The name is first renamed to a hidden name, so whatever sits under the name at that
@@ -148,44 +230,44 @@ class _Deleter:
         new save or a link that replaced the file after the scan is put back, never deleted, and
         unlink never follows a link.
         """
-        entry = decision.entry
+        name = target.name
         dir_fd = self.dir_fd
-        hidden = PRUNING_PREFIX + entry.name
+        hidden = PRUNING_PREFIX + name
         try:
             if self._taken(hidden):
                 # rename() would replace that file, which an interrupted deletion left and which
                 # the watcher must not delete.
-                result.failures.append((decision, _HIDDEN_NAME_TAKEN.format(hidden=hidden)))
+                result.failed.append((target.index, _HIDDEN_NAME_TAKEN.format(hidden=hidden)))
                 return
-            os.rename(entry.name, hidden, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            os.rename(name, hidden, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         except FileNotFoundError:
-            log.info("already gone, nothing to prune: %r", entry.name)
+            log.info("already gone, nothing to prune: %r", name)
             result.skipped += 1
-            result.gone.append(entry.name)
+            result.gone.append(name)
             return
         except OSError as error:
-            result.failures.append((decision, _deletion_error(error)))
+            result.failed.append((target.index, _deletion_error(error)))
             return
 
         try:
             current = os.stat(hidden, dir_fd=dir_fd, follow_symlinks=False)
-            if not same_file_version(entry.stat, current):
+            if not _is_version(current, target.dev, target.ino, target.size, target.mtime_ns):
                 # A link swapped in or a new save since the scan: the plan does not apply to it.
-                _put_back(hidden, entry.name, dir_fd)
-                log.warning(
-                    "%r changed since the scan, left in place for the next pass", entry.name
-                )
+                _put_back(hidden, name, dir_fd)
+                log.warning("%r changed since the scan, left in place for the next pass", name)
                 result.skipped += 1
                 return
             os.unlink(hidden, dir_fd=dir_fd)
         except OSError as error:
-            _put_back(hidden, entry.name, dir_fd)
-            result.failures.append((decision, _deletion_error(error)))
+            _put_back(hidden, name, dir_fd)
+            result.failed.append((target.index, _deletion_error(error)))
             return
-        self.note("pruned " + describe_decision(decision))
-        result.gone.append(entry.name)
+        self.note(
+            "pruned " + describe(name, target.step, target.series, target.size, target.reason)
+        )
+        result.gone.append(name)
         result.pruned += 1
-        result.bytes_freed += entry.stat.st_size
+        result.bytes_freed += target.size
 
     def _taken(self, hidden: str) -> bool:
         if self.hidden_names is None:
@@ -276,17 +358,24 @@ def _deletion_error(error: OSError) -> str:
 
 def same_file_version(before: os.stat_result, now: os.stat_result) -> bool:
     """Return whether `now` is the regular file `before` describes, unchanged in size and mtime."""
+    return _is_version(now, before.st_dev, before.st_ino, before.st_size, before.st_mtime_ns)
+
+
+def _is_version(now: os.stat_result, dev: int, ino: int, size: int, mtime_ns: int) -> bool:
     return (
         stat.S_ISREG(now.st_mode)
-        and (now.st_dev, now.st_ino) == (before.st_dev, before.st_ino)
-        and now.st_size == before.st_size
-        and now.st_mtime_ns == before.st_mtime_ns
+        and now.st_ino == ino
+        and now.st_dev == dev
+        and now.st_size == size
+        and now.st_mtime_ns == mtime_ns
     )
 
 
 def describe_decision(decision: Decision) -> str:
     entry = decision.entry
-    return (
-        f"{entry.name!r} (step {entry.step}, series {entry.series!r}, "
-        f"{entry.stat.st_size} bytes): {decision.reason}"
-    )
+    return describe(entry.name, entry.step, entry.series, entry.stat.st_size, decision.reason)
+
+
+def describe(name: str, step: int, series: str, size: int, reason: str) -> str:
+    """Return the text that names one checkpoint and the reason for its decision in the log."""
+    return f"{name!r} (step {step}, series {series!r}, {size} bytes): {reason}"
