@@ -383,7 +383,7 @@ def test_fields_out_of_record_range(folder: Path, samples: Samples) -> None:
     huge = [2**64 + offset for offset in range(3)]
     for step in huge:
         write_file(folder / ck(step), samples.valid)
-    late_ns = 2**63 + 10**18  # in the year 2294
+    late_ns = 2**63 + 10**18  # late in the year 2293
     os.utime(folder / ck(5), ns=(late_ns, late_ns))
     if os.stat(folder / ck(5)).st_mtime_ns != late_ns:
         pytest.skip("this file system cannot store an mtime after 2262")
