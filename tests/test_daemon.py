@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -159,6 +160,58 @@ def test_second_watcher_refused(folder: Path, start_watcher) -> None:
     assert f"process {first.process.pid}" in once.log
     assert first.process.poll() is None
     assert first.stop() == 0
+
+
+_WAKER_UNDER_SIGNALS = """
+import signal, sys, time
+from watcher.daemon import _Waker
+waker = _Waker()
+count = 0
+def handler(signum, frame):
+    global count
+    count += 1
+    waker.set()
+signal.signal(signal.SIGALRM, handler)
+signal.setitimer(signal.ITIMER_REAL, 0.0001, 0.0001)
+deadline = time.monotonic() + 2
+while time.monotonic() < deadline:
+    waker.wait(0)
+    waker.clear()
+signal.setitimer(signal.ITIMER_REAL, 0)
+print(count)
+"""
+
+
+def test_waker_set_from_signal_handler() -> None:
+    """A signal handler that wakes the loop while the loop waits and clears, thousands of times.
+
+    With threading.Event in place of _Waker this run stops with an error or never ends, because
+    a handler can run while its own thread holds the event's lock.
+    """
+    result = subprocess.run(
+        [sys.executable, "-c", _WAKER_UNDER_SIGNALS],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert int(result.stdout) > 100
+
+
+def test_stop_signal_while_logging(folder: Path, samples: Samples, start_watcher) -> None:
+    """SIGTERM that lands during a large pass, while the daemon writes its log lines, stops it
+    after the pass, and the daemon logs the signal."""
+    for round_number in range(6):
+        for step in range(1, 301):
+            write_file(folder / ck(step, seed=round_number), samples.valid)
+        watcher = start_watcher(str(folder), "--keep-last", "1", "-v")
+        assert watcher.wait_for_log("pruned", timeout=30), watcher.log[-2000:]
+        time.sleep(0.002 * round_number)  # each round lands elsewhere in the pass's log lines
+        status = watcher.stop(signal.SIGTERM, timeout=20)
+        assert status == 0, watcher.log[-2000:]
+        assert "received SIGTERM: stopping" in watcher.log
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])

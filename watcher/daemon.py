@@ -12,6 +12,7 @@ import collections
 import errno
 import logging
 import os
+import select
 import signal
 import threading
 import time
@@ -148,12 +149,13 @@ class Daemon:
             policy, invalid_report_delay=INVALID_REPORT_DELAY, settle_seconds=LOCAL_SETTLE_SECONDS
         )
         _shorten_move_pairing()
-        self._wake = threading.Event()
+        self._wake = _Waker()
         self._pass_requested = True
         self._names: set[str] = set()
         self._lazy_names: set[str] = set()
         self._names_lock = threading.Lock()
         self._stop_requested = False
+        self._stop_signal: int | None = None
         self._reload_requested = False
         self._watch: _Watch | None = None
         self._last_pass = 0.0
@@ -178,9 +180,9 @@ class Daemon:
         self._wake.set()
 
     def request_stop(self, signum: int, _frame=None) -> None:
-        log.info(
-            "received %s: finishing the current pass, then stopping", signal.Signals(signum).name
-        )
+        # No logging here. A handler that interrupts a write to the log (one blocked on a full
+        # pipe) raises when it writes, and the flag below would never be set. The loop logs it.
+        self._stop_signal = signum
         self._stop_requested = True
         self._wake.set()
 
@@ -277,6 +279,8 @@ class Daemon:
             self._ping_watchdog()
             self._wake.wait(self._sleep_time())
             self._wake.clear()
+        if self._stop_signal is not None:
+            log.info("received %s: stopping", signal.Signals(self._stop_signal).name)
         return EXIT_OK
 
     # The folder
@@ -530,3 +534,32 @@ def _stop_observer(observer: BaseObserver) -> None:
             observer.join(timeout=5)
     except Exception:
         log.exception("failed to stop the observer cleanly")
+
+
+class _Waker:
+    """Wake-up call for the main loop, safe from other threads and from signal handlers.
+
+    threading.Event does not suit signal handlers. Its set() takes a lock that the main thread
+    holds for a moment inside wait() and clear(), and a handler that runs in that moment waits
+    for its own thread forever. A byte written into a pipe takes no lock.
+    """
+
+    def __init__(self) -> None:
+        self._read, self._write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def set(self) -> None:
+        try:
+            os.write(self._write, b"\0")
+        except BlockingIOError:
+            pass  # the pipe is full, so a wake-up is pending anyway
+
+    def wait(self, timeout: float | None) -> None:
+        """Return when set() was called since the last clear(), or after `timeout` seconds."""
+        select.select([self._read], [], [], timeout)
+
+    def clear(self) -> None:
+        try:
+            while os.read(self._read, 4096):
+                pass
+        except BlockingIOError:
+            pass
