@@ -43,7 +43,7 @@ def test_once_prunes_and_logs(folder: Path) -> None:
         assert f"series 'model_v2_step_{RUN}_s42.pt'" in line
         assert "older than the newest 2 valid checkpoints" in line
     assert "3 pruned" in result.stderr or "pruned 3" in result.stderr
-    assert "policy: In " in result.stderr
+    assert "policy: in " in result.stderr
 
 
 def test_dry_run_deletes_nothing(folder: Path) -> None:
@@ -124,6 +124,7 @@ REJECTED_ARGUMENTS = [
     (["--milestones", "100,abc"], "invalid milestone 'abc'"),
     (["--pattern", "model.pt"], "has no '*'"),
     (["--pattern", "../model_*.pt"], "path separator"),
+    (["--pattern", "model[*]_*.pt"], "has its first '*' inside [...]"),
     (["--rescan-interval", "0"], "rescan_interval"),
     (["--no-such-option"], "unrecognized arguments"),
 ]

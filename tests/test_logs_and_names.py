@@ -16,8 +16,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from watcher.config import check_pattern
 from watcher.logs import JsonFormatter, TextFormatter, configure_logging, info_writer
-from watcher.scan import NameMatcher
+from watcher.scan import NameMatcher, first_star_in_class
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,7 +65,8 @@ def test_writer_line_text() -> None:
     write("pruned 'a.pt' (step 3)")
     logger.info("%s", "pruned 'a.pt' (step 3)")
     quick, standard = stream.getvalue().splitlines()
-    assert _TIME.match(quick) and _TIME.match(standard)
+    assert _TIME.match(quick)
+    assert _TIME.match(standard)
     assert (
         _TIME.sub("", quick)
         == _TIME.sub("", standard)
@@ -175,8 +177,10 @@ def _reference_match(pattern: str, name: str) -> tuple[int, str] | None:
     return int(name[start : start + digits]), name[:start] + name[start + digits :]
 
 
-_PIECES = st.sampled_from(["a", "b", "1", "0", "_", ".", "?", "[0-9]", "[!a]", "*", "["])
-_CHARS = st.sampled_from(["a", "b", "1", "0", "9", "_", ".", "[", "]", "!"])
+_PIECES = st.sampled_from(
+    ["a", "b", "1", "0", "_", ".", "?", "[0-9]", "[!a]", "[[]", "[&&a]", "*", "[", "]"]
+)
+_CHARS = st.sampled_from(["a", "b", "1", "0", "9", "_", ".", "[", "]", "!", "&"])
 
 
 @settings(max_examples=3000, deadline=None)
@@ -189,6 +193,21 @@ def test_matcher_equals_reference(head, tail, name) -> None:
     pattern = "".join(head) + "*" + "".join(tail)
     text = "".join(name)
     assert NameMatcher(pattern).match(text) == _reference_match(pattern, text)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "expected"),
+    [("ckpt[[]*.pt", False), ("x[[a]-*.pt", False), ("a[*]b*.pt", True), ("a[!*]*.pt", True)],
+)
+def test_first_star_in_class(pattern: str, expected: bool) -> None:
+    assert first_star_in_class(pattern) is expected
+
+
+def test_pattern_with_bracket_class() -> None:
+    """`[[]` is a class that matches `[`: the pattern is accepted and matches as fnmatch does."""
+    matcher = NameMatcher(check_pattern("ckpt[[]*.pt"))
+    assert matcher.match("ckpt[12.pt") == (12, "ckpt[.pt")
+    assert matcher.match("ckptx12.pt") is None
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,8 @@ from typing import Any
 
 import yaml
 
+from watcher.scan import first_star_in_class
+
 DEFAULT_PATTERN = "model_v2_step*.pt"
 DEFAULT_KEEP_LAST = 2
 DEFAULT_RESCAN_INTERVAL = 300.0
@@ -53,14 +55,14 @@ class Policy:
         return step in self.milestones
 
     def describe(self) -> str:
-        """Return the policy as one sentence for the start-up log."""
+        """Return the policy as one sentence for the start-up log, after "policy: "."""
         plural = "" if self.keep_last == 1 else "s"
         parts = [f"keep the newest {self.keep_last} valid checkpoint{plural} of each series"]
         if self.keep_every is not None:
             parts.append(f"every step divisible by {self.keep_every}")
         if self.milestones:
             parts.append("steps " + ", ".join(str(step) for step in sorted(self.milestones)))
-        sentence = f"In {self.directory}, files matching {self.pattern!r}: " + ", and ".join(parts)
+        sentence = f"in {self.directory}, files matching {self.pattern!r}: " + ", and ".join(parts)
         sentence += "; keep every checkpoint a symlink points to; never delete invalid files"
         if self.dry_run:
             sentence += " (dry run: nothing is deleted)"
@@ -163,8 +165,7 @@ def check_pattern(pattern: Any) -> str:
             "directly inside the folder, so give the folder as DIR",
             "pattern",
         )
-    head = pattern.split("*", 1)[0]
-    if head.count("[") > head.count("]"):
+    if first_star_in_class(pattern):
         raise ConfigError(
             f"pattern {pattern!r} has its first '*' inside [...]: the first '*' must stand where "
             "the step number starts",

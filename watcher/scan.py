@@ -160,15 +160,34 @@ def _translate(glob: str) -> str:
                 parts.append(re.escape(char))
                 continue
             body = glob[index:end].replace("\\", "\\\\")
+            # Set operations (&&, ~~, ||) and a leading `[` would mean more to re than to a glob.
+            body = re.sub(r"([&~|])", r"\\\1", body)
             if body.startswith("!"):
                 body = "^" + body[1:]
-            elif body.startswith("^"):
+            elif body.startswith(("^", "[")):
                 body = "\\" + body
             parts.append(f"[{body}]")
             index = end + 1
         else:
             parts.append(re.escape(char))
     return "".join(parts)
+
+
+def first_star_in_class(pattern: str) -> bool:
+    """Return whether the first `*` of a glob is inside a [...] class, as in `a[*]b`."""
+    index = 0
+    while index < len(pattern):
+        char = pattern[index]
+        index += 1
+        if char == "*":
+            return False
+        if char == "[":
+            end = _bracket_end(pattern, index)
+            if end >= 0:
+                if "*" in pattern[index:end]:
+                    return True
+                index = end + 1
+    return False
 
 
 def _bracket_end(glob: str, start: int) -> int:
