@@ -149,7 +149,11 @@ made before the fork."""
 def _execute_spread(
     decisions: list[Decision], confirm, processes: int, delete: _Deleter
 ) -> PruneResult:
-    """Check each file here and have forked processes delete the ones that pass."""
+    """Check each file here and have forked processes delete the ones that pass.
+
+    NOTE: this process checks every file alone and is the busiest of a large pass; on 2 cores the
+    pass is only on par with a glob+mtime sort. A second checking process is not built.
+    """
     # This process records the files the check keeps. Each deleting process fills its own copy,
     # forked while still empty, and sends it back.
     own = PruneResult()
