@@ -58,13 +58,17 @@ def _configured(log_format: str) -> tuple[io.StringIO, logging.Logger]:
 _TIME = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ")
 
 
+def _both_lines(log_format: str, message: str) -> list[str]:
+    """Log `message` through the writer, then through logger.info; return the two lines."""
+    stream, logger = _configured(log_format)
+    info_writer(logger)(message)
+    logger.info("%s", message)
+    return stream.getvalue().splitlines()
+
+
 @pytest.mark.usefixtures("restore_logging")
 def test_writer_line_text() -> None:
-    stream, logger = _configured("text")
-    write = info_writer(logger)
-    write("pruned 'a.pt' (step 3)")
-    logger.info("%s", "pruned 'a.pt' (step 3)")
-    quick, standard = stream.getvalue().splitlines()
+    quick, standard = _both_lines("text", "pruned 'a.pt' (step 3)")
     assert _TIME.match(quick)
     assert _TIME.match(standard)
     assert (
@@ -76,11 +80,7 @@ def test_writer_line_text() -> None:
 
 @pytest.mark.usefixtures("restore_logging")
 def test_writer_line_json() -> None:
-    stream, logger = _configured("json")
-    write = info_writer(logger)
-    write("pruned 'b.pt'")
-    logger.info("%s", "pruned 'b.pt'")
-    quick, standard = (json.loads(line) for line in stream.getvalue().splitlines())
+    quick, standard = (json.loads(line) for line in _both_lines("json", "pruned 'b.pt'"))
     assert quick.keys() == standard.keys() == {"time", "level", "logger", "message"}
     stamps = [
         datetime.datetime.strptime(item["time"], "%Y-%m-%dT%H:%M:%S.%fZ")

@@ -273,11 +273,8 @@ class Pruner:
             ]
             for entry in protected:
                 verdicts[entry.name] = self.cache.check(dir_fd, entry.name, entry.stat)
-            if protected:
-                protected_names = {entry.name for entry in protected}
-                later = [e.name for e in entries[below:] if e.name not in protected_names]
-            else:
-                later = [entry.name for entry in entries[below:]]
+            protected_names = {entry.name for entry in protected}
+            later = [e.name for e in entries[below:] if e.name not in protected_names]
             verdicts.update(dict.fromkeys(later, _CHECKED_BEFORE_DELETION))
             deferred.update(later)
         return verdicts, deferred
@@ -393,8 +390,8 @@ class Pruner:
         """Log the plan, delete what it prunes, update the folder model and summarise.
 
         `total` is the number of checkpoints before the deletions. `folder` is None in a single
-        pass, which keeps no model. `hidden_names` are as in execute_plan. Also return the files that `confirm` kept as invalid, with
-        their verdicts.
+        pass, which keeps no model. `hidden_names` are as in execute_plan. Also return the files
+        that `confirm` kept as invalid, with their verdicts.
         """
         for decision in plan.kept:
             log.debug(
@@ -558,7 +555,8 @@ class Pruner:
                 reported.add(key)
                 if key not in self._reported:
                     self.report(f"would prune {describe_decision(decision)}")
-        for decision, error in result.failures:
+        for index, error in result.failures:
+            decision = plan.pruned[index]
             key = ("failed", stat_key(decision.entry.stat))
             reported.add(key)
             level = logging.DEBUG if key in self._reported else logging.WARNING

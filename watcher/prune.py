@@ -29,11 +29,8 @@ class PruneResult:
     bytes_freed: int = 0
     skipped: int = 0
     """Files left in place because they changed or vanished since the scan."""
-    failures: list[tuple[Decision, str]] = field(default_factory=list)
-    """Deletions that failed, with the error, for the caller to report."""
-    failed: list[tuple[int, str]] = field(default_factory=list)
-    """The same while the plan runs, by index in Plan.pruned; execute_plan turns them into
-    failures."""
+    failures: list[tuple[int, str]] = field(default_factory=list)
+    """Deletions that failed, by index in Plan.pruned, with the error, for the caller to report."""
     gone: list[str] = field(default_factory=list)
     """Names deleted by this plan, or found gone already."""
     kept_invalid: dict[str, Verdict] = field(default_factory=dict)
@@ -46,7 +43,6 @@ class PruneResult:
         self.bytes_freed += other.bytes_freed
         self.skipped += other.skipped
         self.failures += other.failures
-        self.failed += other.failed
         self.gone += other.gone
         self.kept_invalid.update(other.kept_invalid)
         self.errors += other.errors
@@ -94,8 +90,6 @@ def execute_plan(
                 result.bytes_freed += decision.entry.stat.st_size
             else:
                 delete(_Target.of(decision, index), result)
-    result.failures += [(decisions[index], error) for index, error in result.failed]
-    result.failed.clear()
     return result
 
 
@@ -151,8 +145,8 @@ def _execute_spread(
 ) -> PruneResult:
     """Check each file here and have forked processes delete the ones that pass.
 
-    NOTE: this process checks every file alone and is the busiest of a large pass; on 2 cores the
-    pass is only on par with a glob+mtime sort. A second checking process is not built.
+    NOTE: this process checks every file alone, so it is the busiest process of a large pass. On
+    2 cores the pass is only on par with a glob+mtime sort. A second checking process is not built.
     """
     # This process records the files the check keeps. Each deleting process fills its own copy,
     # forked while still empty, and sends it back.
@@ -241,7 +235,7 @@ class _Deleter:
             if self._taken(hidden):
                 # rename() would replace that file, which an interrupted deletion left and which
                 # the watcher must not delete.
-                result.failed.append((target.index, _HIDDEN_NAME_TAKEN.format(hidden=hidden)))
+                result.failures.append((target.index, _HIDDEN_NAME_TAKEN.format(hidden=hidden)))
                 return
             os.rename(name, hidden, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         except FileNotFoundError:
@@ -250,7 +244,7 @@ class _Deleter:
             result.gone.append(name)
             return
         except OSError as error:
-            result.failed.append((target.index, _deletion_error(error)))
+            result.failures.append((target.index, _deletion_error(error)))
             return
 
         try:
@@ -264,7 +258,7 @@ class _Deleter:
             os.unlink(hidden, dir_fd=dir_fd)
         except OSError as error:
             _put_back(hidden, name, dir_fd)
-            result.failed.append((target.index, _deletion_error(error)))
+            result.failures.append((target.index, _deletion_error(error)))
             return
         self.note(
             "pruned " + describe(name, target.step, target.series, target.size, target.reason)
