@@ -117,6 +117,53 @@ def test_folder_created_later(tmp_path: Path, samples: Samples, start_watcher) -
     assert watcher.stop() == 0
 
 
+@pytest.mark.parametrize("observer", ["inotify", "polling"])
+def test_folder_through_symlink(
+    tmp_path: Path, samples: Samples, start_watcher, observer: str
+) -> None:
+    """A folder given as a symbolic link is watched: each save prunes at once, not at the next
+    rescan."""
+    real = tmp_path / "real"
+    real.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    options = ["--polling"] if observer == "polling" else []
+    watcher = start_watcher(str(link), "--keep-last", "1", *options)
+    assert watcher.wait_for_log("pass done")
+
+    for step in (1, 2, 3):
+        save_atomically(real / ck(step), samples.valid)
+        assert wait_until(lambda step=step: steps_left(real) == [step], 10), steps_left(real)
+
+    assert f"watching {link}, which is {real}, with the {observer} observer" in watcher.log
+    assert watcher.stop() == 0
+
+
+def test_symlink_pointed_elsewhere(tmp_path: Path, samples: Samples, start_watcher) -> None:
+    """Pointing the link at another folder moves the watch there."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(first)
+    watcher = start_watcher(str(link), "--keep-last", "1")
+    assert watcher.wait_for_log("pass done")
+
+    swap = tmp_path / "swap"
+    swap.symlink_to(second)
+    os.replace(swap, link)
+    assert watcher.wait_for_log("was replaced by another folder")
+    assert watcher.wait_for_log(f"which is {second}")
+    for step in (1, 2):
+        save_atomically(second / ck(step), samples.valid)
+    save_atomically(first / ck(5), samples.valid)
+    save_atomically(first / ck(6), samples.valid)
+
+    assert wait_until(lambda: steps_left(second) == [2], 10), steps_left(second)
+    assert steps_left(first) == [5, 6]
+    assert watcher.stop() == 0
+
+
 def test_folder_deleted_and_recreated(folder: Path, samples: Samples, start_watcher) -> None:
     watcher = start_watcher(str(folder))
     assert watcher.wait_for_log("pass done")

@@ -96,6 +96,9 @@ EXIT_RUNTIME = 1
 @dataclass
 class _Watch:
     path: str
+    """The folder as the policy names it, maybe through symbolic links."""
+    observed: str
+    """The folder's real path, without symbolic links, which the observer watches."""
     dir_fd: int
     lock_fd: int | None
     identity: tuple[int, int]
@@ -201,7 +204,7 @@ class Daemon:
         if event.is_directory:
             # Each change inside the folder also reports the folder itself as modified, which adds
             # nothing. Only the folder deleted or moved calls for the folder checks.
-            if kind in ("deleted", "moved") and watch.path in (event.src_path, event.dest_path):
+            if kind in ("deleted", "moved") and watch.observed in (event.src_path, event.dest_path):
                 self.request_pass()
             return
         names = set()
@@ -209,7 +212,7 @@ class Daemon:
             if not path:
                 continue
             folder, name = os.path.split(path)
-            if folder != watch.path:
+            if folder != watch.observed:
                 # Not an event on a name in the folder: look at the whole folder.
                 self.request_pass()
                 return
@@ -298,20 +301,29 @@ class Daemon:
             os.close(dir_fd)
             raise
         info = os.fstat(dir_fd)
+        identity = (info.st_dev, info.st_ino)
+        # The observer is given the real path: watchdog does not follow a symbolic link as the
+        # last part of the path it watches, and would then report no event in the folder.
+        observed = os.path.realpath(path)
         try:
-            observer, kind = self._start_observer(path)
+            if _identity(observed) != identity:
+                raise FileNotFoundError(errno.ENOENT, "the folder was replaced while opened")
+            observer, kind = self._start_observer(observed)
         except OSError as error:
             if lock_fd is not None:
                 os.close(lock_fd)
             os.close(dir_fd)
-            # FileNotFoundError: deleted again between opening and watching.
+            # FileNotFoundError: deleted or replaced again between opening and watching.
             self._report_waiting(FolderError(error.errno, f"cannot watch {path}: {error}"))
             return
-        self._watch = _Watch(path, dir_fd, lock_fd, (info.st_dev, info.st_ino), observer, kind)
+        self._watch = _Watch(path, observed, dir_fd, lock_fd, identity, observer, kind)
         self._waiting_reported = False
         self._pass_requested = True
         self._last_folder_check = time.monotonic()
-        log.info("watching %s with the %s observer", path, kind)
+        if observed == path:
+            log.info("watching %s with the %s observer", path, kind)
+        else:
+            log.info("watching %s, which is %s, with the %s observer", path, observed, kind)
 
     def _report_waiting(self, error: FolderError) -> None:
         if self._waiting_reported:
@@ -415,7 +427,7 @@ class Daemon:
         watch = self._watch
         _stop_observer(watch.observer)
         try:
-            watch.observer, watch.observer_kind = self._start_observer(watch.path)
+            watch.observer, watch.observer_kind = self._start_observer(watch.observed)
         except OSError as error:
             log.error("failed to restart the observer on %s: %s", watch.path, error)
             self._detach()
@@ -515,6 +527,11 @@ class Daemon:
         if self._notifier.watchdog_interval is not None:
             deadlines.append(self._next_ping - now)
         return max(0.0, min(deadlines))
+
+
+def _identity(path: str) -> tuple[int, int]:
+    info = os.stat(path)
+    return info.st_dev, info.st_ino
 
 
 def _shorten_move_pairing() -> None:
