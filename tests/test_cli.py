@@ -116,6 +116,20 @@ def test_config_rejected(folder: Path, tmp_path: Path, text: str, message: str) 
     assert names(folder) == before
 
 
+def test_config_value_rejected_under_override(folder: Path, tmp_path: Path) -> None:
+    """An invalid value in the file is rejected even where the command line sets that key."""
+    before = names(folder)
+    config = tmp_path / "policy.yaml"
+    config.write_text("keep_last: -2\n")
+
+    result = run_watcher(str(folder), "--config", str(config), "--keep-last", "1", "--once")
+
+    assert result.returncode == 2
+    assert f"in config file {str(config)!r}: keep_last" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert names(folder) == before
+
+
 REJECTED_ARGUMENTS = [
     (["--keep-last", "0"], "invalid --keep-last"),
     (["--keep-last", "-3"], "invalid --keep-last"),

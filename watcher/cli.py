@@ -18,6 +18,7 @@ from watcher.config import (
     ConfigError,
     Policy,
     build_policy,
+    check_values,
     read_config_file,
 )
 from watcher.deleters import process_count
@@ -167,6 +168,13 @@ def make_policy_loader(args: argparse.Namespace) -> Callable[[], Policy]:
         values: dict[str, Any] = {}
         if args.config is not None:
             values.update(read_config_file(args.config))
+            try:
+                check_values(values)
+            except ConfigError as error:
+                # An invalid value in the file is an error even where the command line sets it.
+                raise ConfigError(
+                    f"in config file {str(args.config)!r}: {error}", error.key
+                ) from None
         values.update(overrides)
         try:
             return build_policy(values, config_file=args.config)

@@ -134,17 +134,35 @@ def build_policy(values: dict[str, Any], config_file: Path | None = None) -> Pol
         raise ConfigError(
             "missing checkpoint folder: give DIR on the command line or 'directory' in the config"
         )
-    checked: dict[str, Any] = {
-        "directory": _check_directory(values["directory"]),
-        "pattern": check_pattern(values.get("pattern", DEFAULT_PATTERN)),
-        "keep_last": _check_int("keep_last", values.get("keep_last", DEFAULT_KEEP_LAST), 1),
-        "keep_every": _check_optional_int("keep_every", values.get("keep_every"), 1),
-        "milestones": _check_milestones(values.get("milestones")),
-        "dry_run": _check_bool("dry_run", values.get("dry_run", False)),
-        "polling": _check_optional_bool("polling", values.get("polling")),
-        "rescan_interval": _check_interval(values.get("rescan_interval", DEFAULT_RESCAN_INTERVAL)),
+    defaults = {
+        "pattern": DEFAULT_PATTERN,
+        "keep_last": DEFAULT_KEEP_LAST,
+        "keep_every": None,
+        "milestones": None,
+        "dry_run": False,
+        "polling": None,
+        "rescan_interval": DEFAULT_RESCAN_INTERVAL,
     }
-    return Policy(**checked, config_file=config_file)
+    return Policy(**check_values({**defaults, **values}), config_file=config_file)
+
+
+def check_values(values: dict[str, Any]) -> dict[str, Any]:
+    """Check each of the given raw values, keyed by field name, and return them converted.
+
+    Raise ConfigError on the first invalid value. A config file's values are checked this way
+    on their own too, so that an invalid one is rejected even where the command line sets it.
+    """
+    checks = {
+        "directory": _check_directory,
+        "pattern": check_pattern,
+        "keep_last": lambda value: _check_int("keep_last", value, 1),
+        "keep_every": lambda value: _check_optional_int("keep_every", value, 1),
+        "milestones": _check_milestones,
+        "dry_run": lambda value: _check_bool("dry_run", value),
+        "polling": lambda value: _check_optional_bool("polling", value),
+        "rescan_interval": _check_interval,
+    }
+    return {key: checks[key](value) for key, value in values.items()}
 
 
 def check_pattern(pattern: Any) -> str:
