@@ -123,8 +123,10 @@ class Pruner:
         settle_seconds: float = 1.0,
         processes: int = 1,
         single_pass: bool = False,
+        progress: Callable[[], None] | None = None,
     ) -> None:
         self.policy = policy
+        self.progress = progress
         self.processes = processes
         self.single_pass = single_pass
         self.report = report or (lambda message: log.info("%s", message))
@@ -167,17 +169,21 @@ class Pruner:
             raise RuntimeError("a Pruner made with single_pass runs only one pass")
         self._folder = None
         started = time.monotonic()
-        listing = scan_folder(dir_fd, self.matcher)
+        listing = scan_folder(dir_fd, self.matcher, self.progress)
         hidden = [e.name for e in listing.entries if self._hidden_by_a_deletion(e)]
         if hidden and self._passes == 0 and not self.policy.dry_run:
             restore_interrupted(dir_fd, hidden)
-            listing = scan_folder(dir_fd, self.matcher)
+            listing = scan_folder(dir_fd, self.matcher, self.progress)
         checkpoints = listing.checkpoints
         link_targets = self._remember_links(listing.link_targets, started)
         if self._passes == 0:
             verdicts, deferred = self._first_verdicts(dir_fd, checkpoints, link_targets)
         else:
-            verdicts = {e.name: self.cache.check(dir_fd, e.name, e.stat) for e in checkpoints}
+            verdicts = {}
+            for entry in checkpoints:
+                if self.progress is not None:
+                    self.progress()
+                verdicts[entry.name] = self.cache.check(dir_fd, entry.name, entry.stat)
             deferred = set()
         if not checkpoints:
             self._warn_no_match(listing)
@@ -399,7 +405,9 @@ class Pruner:
             )
         # Only a full pass may fork: a pass over names runs in the daemon, beside its threads.
         processes = 1 if partial else self.processes
-        result = execute_plan(plan, dir_fd, self.policy.dry_run, confirm, processes, hidden_names)
+        result = execute_plan(
+            plan, dir_fd, self.policy.dry_run, confirm, processes, hidden_names, self.progress
+        )
         for name in result.gone if folder is not None else ():
             entry = folder.entries.get(name)
             if entry is not None:

@@ -55,6 +55,7 @@ def execute_plan(
     confirm: Callable[[Decision], Verdict | None] | None = None,
     processes: int = 1,
     hidden_names: Collection[str] | None = None,
+    progress: Callable[[], None] | None = None,
 ) -> PruneResult:
     """Delete each file the plan prunes, logging the file, its step, series, reason and size.
 
@@ -71,6 +72,8 @@ def execute_plan(
     name is taken must. Without them each deletion looks its hidden name up first. The scan lists
     every file an interrupted deletion left, and while the watcher holds the folder's lock, only
     its own deletions make new hidden names, each for a name it prunes once.
+
+    `progress`, when given, is called once per file that this process checks or deletes.
     """
     decisions = plan.pruned
     delete = _Deleter(dir_fd, info_writer(log), hidden_names)
@@ -83,6 +86,8 @@ def execute_plan(
     if result is None:
         result = PruneResult()
         for index, decision in enumerate(decisions):
+            if progress is not None:
+                progress()
             if not _confirmed(decision, confirm, result):
                 continue
             if dry_run:
@@ -146,7 +151,8 @@ def _execute_spread(
     """Check each file here and have forked processes delete the ones that pass.
 
     NOTE: this process checks every file alone, so it is the busiest process of a large pass. On
-    2 cores the pass is only on par with a glob+mtime sort. A second checking process is not built.
+    2 cores the pass is only on par with a glob+mtime sort, because the processes together run
+    out of CPU: a second checking process made it slower there. More cores are not measured.
     """
     # This process records the files the check keeps. Each deleting process fills its own copy,
     # forked while still empty, and sends it back.

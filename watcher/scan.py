@@ -6,6 +6,7 @@ import enum
 import os
 import re
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -74,12 +75,19 @@ class NameMatcher:
         return int(found[1]), name[:start] + name[end:]
 
 
-def scan_folder(dir_fd: int, matcher: NameMatcher) -> Listing:
-    """List the folder open at dir_fd once and classify every name in it."""
+def scan_folder(
+    dir_fd: int, matcher: NameMatcher, progress: Callable[[], None] | None = None
+) -> Listing:
+    """List the folder open at dir_fd once and classify every name in it.
+
+    `progress`, when given, is called once per name, so that a long scan can show it is alive.
+    """
     entries: list[Entry] = []
     link_names: list[str] = []
     with os.scandir(dir_fd) as listing:
         for item in listing:
+            if progress is not None:
+                progress()
             name = item.name
             try:
                 info = item.stat(follow_symlinks=False)
