@@ -153,7 +153,7 @@ def test_symlink_pointed_elsewhere(tmp_path: Path, samples: Samples, start_watch
     swap = tmp_path / "swap"
     swap.symlink_to(second)
     os.replace(swap, link)
-    assert watcher.wait_for_log("was replaced by another folder", 25)
+    assert watcher.wait_for_log("was replaced", 25)
     assert watcher.wait_for_log(f"which is {second}")
     for step in (1, 2):
         save_atomically(second / ck(step), samples.valid)
@@ -193,6 +193,29 @@ def test_folder_renamed_away(folder: Path, tmp_path: Path, samples: Samples, sta
 
     # No event reports the rename: the folder check notices it, at most 10 s later.
     assert wait_until(lambda: steps_left(folder) == [2, 3], 25)
+    assert watcher.stop() == 0
+
+
+def test_deleted_lock_file_is_recreated(folder: Path, start_watcher) -> None:
+    """A lock file deleted by hand is made and locked again, so a second watcher is still
+    refused."""
+    watcher = start_watcher(str(folder))
+    assert watcher.wait_for_log("pass done")
+
+    (folder / LOCK).unlink()
+
+    assert watcher.wait_for_log("was deleted or replaced; locking the folder again", 5)
+    assert wait_until(lambda: (folder / LOCK).exists())
+    second = subprocess.run(
+        [sys.executable, "-m", "watcher", str(folder), "--once"],
+        check=False,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert second.returncode == 1, second.stderr[-2000:]
+    assert watcher.process.poll() is None
     assert watcher.stop() == 0
 
 
@@ -348,11 +371,13 @@ def test_sd_notify_messages(folder: Path, tmp_path: Path, start_watcher) -> None
         server.close()
 
 
+@pytest.mark.parametrize("keep_last", [2, 100_000], ids=["deleting", "checking"])
 def test_watchdog_pings_during_long_pass(
-    folder: Path, tmp_path: Path, samples: Samples, start_watcher
+    folder: Path, tmp_path: Path, samples: Samples, start_watcher, keep_last: int
 ) -> None:
     """A first pass that outlasts the watchdog interval must keep pinging, or the service
-    manager kills the watcher in the middle of it."""
+    manager kills the watcher in the middle of it. With a large keep_last the pass checks
+    every file instead of deleting it."""
     for step in range(1, 30_001):
         write_file(folder / ck(step), samples.valid)
     address = str(tmp_path / "notify.sock")
@@ -362,7 +387,10 @@ def test_watchdog_pings_during_long_pass(
     try:
         started = time.monotonic()
         watcher = start_watcher(
-            str(folder), env={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "400000"}
+            str(folder),
+            "--keep-last",
+            str(keep_last),
+            env={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "400000"},
         )
         arrivals = [(started, "")]
         while not arrivals[-1][1].startswith("READY=1"):
@@ -376,7 +404,7 @@ def test_watchdog_pings_during_long_pass(
     gaps = [later[0] - earlier[0] for earlier, later in itertools.pairwise(arrivals)]
     assert max(gaps) < 1.0, gaps
     assert sum(message == "WATCHDOG=1" for _, message in arrivals) >= 3
-    assert steps_left(folder) == [29_999, 30_000]
+    assert len(steps_left(folder)) == min(keep_last, 30_000)
     assert watcher.stop() == 0
 
 

@@ -364,7 +364,16 @@ class Daemon:
             log.warning("checkpoint folder %s was deleted or moved away", watch.path)
             return True
         if (info.st_dev, info.st_ino) != watch.identity:
-            log.warning("checkpoint folder %s was replaced by another folder", watch.path)
+            log.warning("checkpoint folder %s was replaced", watch.path)
+            return True
+        if watch.lock_fd is not None and not _same_file(watch.lock_fd, LOCK_NAME, watch.dir_fd):
+            # The lock is held on a file that no longer has the name, so a second watcher could
+            # lock the folder. Attaching again locks it under the name, or exits if one did.
+            log.warning(
+                "the lock file %s in %s was deleted or replaced; locking the folder again",
+                LOCK_NAME,
+                watch.path,
+            )
             return True
         return False
 
@@ -543,6 +552,16 @@ class Daemon:
         if self._notifier.watchdog_interval is not None:
             deadlines.append(self._next_ping - now)
         return max(0.0, min(deadlines))
+
+
+def _same_file(fd: int, name: str, dir_fd: int) -> bool:
+    """Return whether `name` in the folder `dir_fd` is still the file open as `fd`."""
+    try:
+        named = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except OSError:
+        return False
+    locked = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (locked.st_dev, locked.st_ino)
 
 
 def _identity(path: str) -> tuple[int, int]:

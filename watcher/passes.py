@@ -172,7 +172,7 @@ class Pruner:
         listing = scan_folder(dir_fd, self.matcher, self.progress)
         hidden = [e.name for e in listing.entries if self._hidden_by_a_deletion(e)]
         if hidden and self._passes == 0 and not self.policy.dry_run:
-            restore_interrupted(dir_fd, hidden)
+            restore_interrupted(dir_fd, hidden, self.progress)
             listing = scan_folder(dir_fd, self.matcher, self.progress)
         checkpoints = listing.checkpoints
         link_targets = self._remember_links(listing.link_targets, started)
@@ -266,6 +266,8 @@ class Pruner:
                 if newest >= policy.keep_last:
                     below = index
                     break
+                if self.progress is not None:
+                    self.progress()
                 verdict = self.cache.check(dir_fd, entry.name, entry.stat)
                 verdicts[entry.name] = verdict
                 if verdict.valid and not policy.is_milestone(entry.step):
@@ -278,6 +280,8 @@ class Pruner:
                 or (link_targets and entry.identity in link_targets)
             ]
             for entry in protected:
+                if self.progress is not None:
+                    self.progress()
                 verdicts[entry.name] = self.cache.check(dir_fd, entry.name, entry.stat)
             protected_names = {entry.name for entry in protected}
             later = [e.name for e in entries[below:] if e.name not in protected_names]

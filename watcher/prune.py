@@ -325,9 +325,16 @@ def _put_back(hidden: str, name: str, dir_fd: int) -> None:
         )
 
 
-def restore_interrupted(dir_fd: int, names: list[str]) -> None:
-    """Give back their names to files left hidden by a deletion that a crash interrupted."""
+def restore_interrupted(
+    dir_fd: int, names: list[str], progress: Callable[[], None] | None = None
+) -> None:
+    """Give back their names to files left hidden by a deletion that a crash interrupted.
+
+    `progress`, when given, is called once per name.
+    """
     for hidden in names:
+        if progress is not None:
+            progress()
         name = hidden[len(PRUNING_PREFIX) :]
         try:
             restored = _restore(hidden, name, dir_fd)
