@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, Samples, save_atomically, wait_until, write_file
+from conftest import REPO, Samples, run_watcher, save_atomically, wait_until, write_file
 
 RUN = "20251027_110846"
 LOCK = ".ckpt-watcher.lock"
@@ -206,14 +206,7 @@ def test_deleted_lock_file_is_recreated(folder: Path, start_watcher) -> None:
 
     assert watcher.wait_for_log("was deleted or replaced; locking the folder again", 5)
     assert wait_until(lambda: (folder / LOCK).exists())
-    second = subprocess.run(
-        [sys.executable, "-m", "watcher", str(folder), "--once"],
-        check=False,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    second = run_watcher(str(folder), "--once")
     assert second.returncode == 1, second.stderr[-2000:]
     assert watcher.process.poll() is None
     assert watcher.stop() == 0

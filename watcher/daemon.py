@@ -280,10 +280,10 @@ class Daemon:
             elif (
                 now - self._last_folder_check >= FOLDER_CHECK_INTERVAL
                 or self._pass_requested
-                or self._names  # an event woke the loop: the check is one stat
+                or self._names  # an event woke the loop, and the checks cost two stat calls
             ):
                 self._last_folder_check = now
-                if self._folder_replaced():
+                if self._folder_replaced() or self._lock_lost():
                     self._detach()
                     continue
                 if not self._observer_healthy() and not self._restart_observer():
@@ -366,16 +366,23 @@ class Daemon:
         if (info.st_dev, info.st_ino) != watch.identity:
             log.warning("checkpoint folder %s was replaced", watch.path)
             return True
-        if watch.lock_fd is not None and not _same_file(watch.lock_fd, LOCK_NAME, watch.dir_fd):
-            # The lock is held on a file that no longer has the name, so a second watcher could
-            # lock the folder. Attaching again locks it under the name, or exits if one did.
-            log.warning(
-                "the lock file %s in %s was deleted or replaced; locking the folder again",
-                LOCK_NAME,
-                watch.path,
-            )
-            return True
         return False
+
+    def _lock_lost(self) -> bool:
+        """Return whether the lock file was deleted or replaced since the folder was locked.
+
+        The lock is then held on a file that no longer has the name, so a second watcher could
+        lock the folder. Attaching again locks it under the name, or exits if another did.
+        """
+        watch = self._watch
+        if watch.lock_fd is None or _same_file(watch.lock_fd, LOCK_NAME, watch.dir_fd):
+            return False
+        log.warning(
+            "the lock file %s in %s was deleted or replaced; locking the folder again",
+            LOCK_NAME,
+            watch.path,
+        )
+        return True
 
     def _detach(self) -> None:
         watch, self._watch = self._watch, None
