@@ -112,13 +112,16 @@ class _Watch:
 class _EventHandler(FileSystemEventHandler):
     """Wake the daemon for events that can change the retention decision."""
 
+    fault_pending = os.environ.get(FAULT_ENV) == "handler"
+    """Whether the next event kills the dispatch thread. The fault fires once per process, so
+    that the observer started in place of the killed one works."""
+
     def __init__(self, daemon: Daemon) -> None:
         self._daemon = daemon
-        self._fault = os.environ.get(FAULT_ENV) == "handler"
 
     def dispatch(self, event: FileSystemEvent) -> None:
-        if self._fault:
-            self._fault = False
+        if _EventHandler.fault_pending:
+            _EventHandler.fault_pending = False
             raise RuntimeError(f"fault injected by {FAULT_ENV}")
         try:
             log.debug("event %s %s -> %s", event.event_type, event.src_path, event.dest_path)
