@@ -59,6 +59,33 @@ def test_dry_run_deletes_nothing(folder: Path) -> None:
     assert all("older than the newest" in line for line in would)
 
 
+def test_dry_run_into_closed_pipe(tmp_path: Path, samples: Samples) -> None:
+    """A reader that stops early (`| head -1`) ends the dry run quietly, with nothing deleted."""
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for step in range(1, 1201):  # about 240 KB of list, far over a pipe's 64 KiB
+        write_file(folder / ck(step), samples.valid)
+    before = names(folder)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "watcher", str(folder), "--once", "--dry-run"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    first = process.stdout.readline()
+    process.stdout.close()
+    stderr = process.stderr.read()
+    status = process.wait(timeout=60)
+
+    assert first.startswith("would prune 'model_v2_step1_")
+    assert status == 0, stderr
+    assert "dry run stopped before its end" in stderr
+    assert "Broken pipe" not in stderr
+    assert "Exception ignored" not in stderr
+    assert names(folder) - {".ckpt-watcher.lock"} == before
+
+
 def test_config_file_and_override(folder: Path, tmp_path: Path) -> None:
     config = tmp_path / "policy.yaml"
     config.write_text(f"directory: {folder}\nkeep_last: 1\nmilestones: [200]\n")

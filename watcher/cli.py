@@ -44,6 +44,8 @@ exit status:
   2  invalid arguments or configuration; nothing was deleted
   130  --once interrupted by SIGINT (Ctrl-C); the pass stopped part way
 
+A dry run whose reader stops reading (`--dry-run | head`) ends quietly with 0.
+
 Only regular files directly inside DIR whose whole name matches the pattern are
 checkpoints; everything else is never deleted. Invalid (incomplete, truncated or
 foreign) files are kept and never count toward the newest N.
@@ -206,8 +208,14 @@ def run_once(policy: Policy) -> int:
         # collect: a collection after two passes over 20,000 files found 176 objects to free.
         gc.disable()
         try:
-            pruner = Pruner(policy, report=print, processes=process_count(), single_pass=True)
+            pruner = Pruner(policy, report=_print_line, processes=process_count(), single_pass=True)
             summary = pruner.run(dir_fd)
+            _flush_stdout()
+        except _OutputClosed:
+            # The reader closed the pipe early, as `head` does, so stop quietly as other tools do.
+            _discard_stdout()
+            log.info("standard output was closed, so the dry run stopped before its end")
+            return EXIT_OK
         except KeyboardInterrupt:
             log.error("interrupted: the pass stopped part way; files not reached are untouched")
             return EXIT_INTERRUPTED
@@ -225,6 +233,34 @@ def run_once(policy: Policy) -> int:
         os.close(dir_fd)
     log.info("%s", summary.describe())
     return EXIT_RUNTIME if summary.failed or summary.process_errors else EXIT_OK
+
+
+class _OutputClosed(Exception):
+    """The reader of the dry run's list on standard output closed its end of the pipe."""
+
+
+def _print_line(line: str) -> None:
+    try:
+        print(line)
+    except BrokenPipeError:
+        raise _OutputClosed from None
+
+
+def _flush_stdout() -> None:
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise _OutputClosed from None
+
+
+def _discard_stdout() -> None:
+    """Point standard output at /dev/null, so the flush at exit finds no closed pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, AttributeError, ValueError):
+        pass  # No usable standard output, so nothing can be flushed into it.
 
 
 def _lock_for_once(dir_fd: int, policy: Policy) -> int | None:
