@@ -5,7 +5,8 @@ VmRSS and VmHWM come from /proc/PID/status, and CPU time over the idle window fr
 /proc/PID/stat (utime + stime, in clock ticks of 10 ms) and from the schedstat of every thread
 (nanoseconds). Two reference processes run through the same window: a bare Python interpreter
 that sleeps, and a Python process with an idle watchdog observer on the same folder. The
-alternatives (in-loop retention, cron) keep no process of their own while idle.
+alternatives (in-loop retention, cron) keep no process of their own while idle. A second daemon,
+started on a folder that does not exist, is measured through the same window as it waits for it.
 
 torch must not be imported: the daemon's /proc/PID/maps is searched for torch's libraries, and a
 second daemon started with `python -X importtime` lists every module it imports.
@@ -94,11 +95,13 @@ def main(argv=None) -> int:
                 [lib.PYTHON, "-c", _WATCHDOG_IDLE_CODE, str(checkpoints)]
             ),
         }
+        waiting = lib.Daemon(folder / "missing" / "checkpoints", log_dir=folder)
         try:
+            waiting.wait_for_log("waiting for it to appear")
             with lib.running_daemon(
                 checkpoints, "--keep-last", "2", "--keep-every", "1000", log_dir=folder
             ) as daemon:
-                pids = {"watcher daemon": daemon.pid}
+                pids = {"watcher daemon": daemon.pid, "watcher daemon, folder missing": waiting.pid}
                 pids.update({name: process.pid for name, process in references.items()})
                 time.sleep(SETTLE_SECONDS)
                 before = {name: sample(pid) for name, pid in pids.items()}
@@ -107,6 +110,7 @@ def main(argv=None) -> int:
                 torch_files = torch_mapped(daemon.pid)
                 log = daemon.log()
         finally:
+            waiting.stop()
             for process in references.values():
                 process.terminate()
                 process.wait(15)
@@ -122,11 +126,16 @@ def main(argv=None) -> int:
             "idle_schedstat_s": after[name]["schedstat_s"] - before[name]["schedstat_s"],
         }
     watcher = rows["watcher daemon"]
+    waiting_cpu = rows["watcher daemon, folder missing"]
     targets = {
         "VmRSS < 35 MB": watcher["VmRSS_MB"] < 35,
         "VmHWM < 35 MB": watcher["VmHWM_MB"] < 35,
         f"idle CPU over {idle_seconds:.0f} s < 0.1 s": max(
             watcher["idle_cpu_ticks_s"], watcher["idle_schedstat_s"]
+        )
+        < 0.1,
+        f"idle CPU over {idle_seconds:.0f} s waiting for a missing folder < 0.1 s": max(
+            waiting_cpu["idle_cpu_ticks_s"], waiting_cpu["idle_schedstat_s"]
         )
         < 0.1,
         "torch not mapped and not imported": bool(modules)

@@ -118,6 +118,125 @@ def test_folder_created_later(tmp_path: Path, samples: Samples, start_watcher) -
     assert watcher.stop() == 0
 
 
+def _main_thread_wakeups(pid: int) -> int:
+    """Return how often the process's main thread has gone to sleep and woken up so far."""
+    status = Path(f"/proc/{pid}/task/{pid}/status").read_text()
+    line = next(line for line in status.splitlines() if line.startswith("voluntary_ctxt_switches"))
+    return int(line.split()[1])
+
+
+def test_missing_folder_waits_asleep(tmp_path: Path, samples: Samples, start_watcher) -> None:
+    """A daemon waiting for a missing folder sleeps until a folder on the way to it appears."""
+    folder = tmp_path / "a" / "b" / "checkpoints"
+    watcher = start_watcher(str(folder), "--keep-last", "1", "-v")
+    assert watcher.wait_for_log("waiting for it to appear")
+    assert watcher.wait_for_log(f"waiting for 'a' to appear in {tmp_path}")
+    before = _main_thread_wakeups(watcher.process.pid)
+    time.sleep(3)
+    wakeups = _main_thread_wakeups(watcher.process.pid) - before
+
+    (tmp_path / "a").mkdir()
+    assert watcher.wait_for_log(f"waiting for 'b' to appear in {tmp_path / 'a'}", timeout=5)
+    folder.mkdir(parents=True)
+    assert watcher.wait_for_log("watching", timeout=5)
+    for step in (1, 2):
+        write_file(folder / ck(step), samples.valid)
+
+    assert wakeups <= 2  # a loop polling every 0.1 s wakes about 30 times in 3 s
+    assert wait_until(lambda: steps_left(folder) == [2], timeout=5)
+    assert watcher.stop() == 0
+
+
+@pytest.mark.parametrize("observer", ["inotify", "polling"])
+def test_folder_through_dangling_link(
+    tmp_path: Path, samples: Samples, start_watcher, observer: str
+) -> None:
+    """DIR as a link to a folder not made yet: the folder is watched once it is made."""
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "later")
+    options = ["--polling"] if observer == "polling" else []
+    watcher = start_watcher(str(link), "--keep-last", "1", *options)
+    assert watcher.wait_for_log("waiting for it to appear")
+
+    (tmp_path / "later").mkdir()
+    assert watcher.wait_for_log("watching", timeout=5)
+    for step in (1, 2):
+        write_file(tmp_path / "later" / ck(step), samples.valid)
+
+    assert wait_until(lambda: steps_left(tmp_path / "later") == [2], timeout=5)
+    assert watcher.stop() == 0
+
+
+def test_file_replaced_by_folder(tmp_path: Path, samples: Samples, start_watcher) -> None:
+    """DIR names a file at first: the error is logged, and the folder made in its place is
+    watched within seconds."""
+    path = tmp_path / "checkpoints"
+    path.write_text("not a folder")
+    watcher = start_watcher(str(path), "--keep-last", "1")
+    assert watcher.wait_for_log("is not a folder")
+    assert "trying again when it changes" in watcher.log
+
+    path.unlink()
+    path.mkdir()
+    assert watcher.wait_for_log("watching", timeout=5)
+    for step in (1, 2):
+        write_file(path / ck(step), samples.valid)
+
+    assert wait_until(lambda: steps_left(path) == [2], timeout=5)
+    assert watcher.stop() == 0
+
+
+def test_polled_batch_keeps_newest(folder: Path, samples: Samples, start_watcher) -> None:
+    """Saves that one poll finds together count as one arrival: the newest by step stays, and no
+    older one is kept as a rolled-back save."""
+    watcher = start_watcher(str(folder), "--polling", "--keep-last", "1")
+    assert watcher.wait_for_log("pass done")
+
+    step = 0
+    for _round in range(5):
+        for _ in range(2):  # both within one poll of 1 s, reported in either order
+            step += 1
+            save_atomically(folder / ck(step), samples.valid)
+        assert wait_until(lambda newest=step: steps_left(folder) == [newest], 10), steps_left(
+            folder
+        )
+
+    assert "rolled back" not in watcher.log
+    assert watcher.stop() == 0
+
+
+def test_poll_ends_with_marker(folder: Path) -> None:
+    """The polling observer follows the events of each poll that found changes with one marker,
+    and sends no marker for a poll that found none."""
+    from watchdog.events import FileSystemEventHandler
+
+    from watcher import daemon
+
+    received: list[tuple[str, str]] = []
+
+    class Recorder(FileSystemEventHandler):
+        def dispatch(self, event) -> None:
+            received.append((event.event_type, os.path.basename(event.src_path)))
+
+    observer = daemon._polling_observer()
+    observer.schedule(Recorder(), str(folder), recursive=False)
+    observer.start()
+    try:
+        time.sleep(0.2)
+        for step in range(1, 6):
+            (folder / ck(step)).write_bytes(b"x")
+        assert wait_until(lambda: ("poll_done", folder.name) in received, 5)
+        time.sleep(2.5)  # two more polls that find nothing
+    finally:
+        observer.stop()
+        observer.join(5)
+
+    created = [name for kind, name in received if kind == "created"]
+    markers = [index for index, (kind, _name) in enumerate(received) if kind == "poll_done"]
+    assert sorted(created) == sorted(ck(step) for step in range(1, 6))
+    assert markers == [len(received) - 1]
+
+
 @pytest.mark.parametrize("observer", ["inotify", "polling"])
 def test_folder_through_symlink(
     tmp_path: Path, samples: Samples, start_watcher, observer: str

@@ -31,10 +31,11 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
-from watchdog.observers.polling import PollingObserver
+from watchdog.observers.polling import PollingEmitter
 
 from watcher.config import ConfigError, Policy
 from watcher.lock import LockError, acquire_lock
+from watcher.lookout import Lookout, stop_observer
 from watcher.mounts import network_filesystem
 from watcher.notify import Notifier
 from watcher.passes import FolderError, Pruner, open_folder
@@ -50,9 +51,10 @@ watched folder, or pointing the symbolic link that names it at another folder, g
 only this check notices it. Each check wakes an idle daemon, and on the 2-core virtual machine of
 the benchmarks a wake-up cost from 0.4 to 10 ms of CPU, by the load of the host, even in a Python
 loop that does nothing else. At one check a second that was up to 0.6 s of CPU a minute."""
-WAIT_INTERVAL = 0.1
-"""Seconds between checks for a folder that does not exist yet, so that a trainer starting up
-gets its first checkpoints pruned within a fraction of a second."""
+WAIT_INTERVAL = 1.0
+"""Seconds between checks for a missing folder when no inotify watch on its parent is possible
+(a shared filesystem, --polling, inotify limits). With such a watch, its events wake the daemon,
+and the folder is otherwise checked every FOLDER_CHECK_INTERVAL."""
 POLL_INTERVAL = 1.0
 """Seconds between listings made by the polling observer."""
 INVALID_REPORT_DELAY = 30.0
@@ -132,6 +134,37 @@ class _EventHandler(FileSystemEventHandler):
             self._daemon.request_pass()
 
 
+class _PollDoneEvent(FileSystemEvent):
+    """Marker that follows the events of one poll of the polling observer."""
+
+    event_type = "poll_done"
+
+
+class _BatchedPollingEmitter(PollingEmitter):
+    """Polling emitter that ends the events of each poll that found a change with a marker.
+
+    One poll reports every file created since the last in an arbitrary order. Held back until
+    the marker, they reach a pass together, so the newest of them by step counts as the latest
+    arrival, and not whichever came first out of the poll.
+    """
+
+    _queued = 0
+
+    def queue_events(self, timeout: float) -> None:
+        self._queued = 0
+        super().queue_events(timeout)
+        if self._queued:
+            super().queue_event(_PollDoneEvent(self.watch.path, is_synthetic=True))
+
+    def queue_event(self, event: FileSystemEvent) -> None:
+        self._queued += 1
+        super().queue_event(event)
+
+
+def _polling_observer() -> BaseObserver:
+    return BaseObserver(_BatchedPollingEmitter, timeout=POLL_INTERVAL)
+
+
 class _OverflowHandler(logging.Handler):
     """Turn watchdog's queue overflow warning into a full pass, since events were lost."""
 
@@ -163,9 +196,12 @@ class Daemon:
         )
         _shorten_move_pairing()
         self._wake = _Waker()
+        self._lookout = Lookout(self._wake.set)
         self._pass_requested = True
         self._names: set[str] = set()
         self._lazy_names: set[str] = set()
+        self._polled: set[str] = set()
+        self._polled_lazy: set[str] = set()
         self._names_lock = threading.Lock()
         self._stop_requested = False
         self._stop_signal: int | None = None
@@ -192,6 +228,20 @@ class Daemon:
             (self._lazy_names if lazy else self._names).update(names)
         self._wake.set()
 
+    def _hold_for_poll(self, names: set[str], lazy: bool) -> None:
+        """Keep names that a poll reported until the marker that ends its events."""
+        with self._names_lock:
+            (self._polled_lazy if lazy else self._polled).update(names)
+
+    def _release_poll(self) -> None:
+        with self._names_lock:
+            polled, self._polled = self._polled, set()
+            polled_lazy, self._polled_lazy = self._polled_lazy, set()
+        if polled:
+            self.request_names(polled, lazy=False)
+        if polled_lazy:
+            self.request_names(polled_lazy, lazy=True)
+
     def request_stop(self, signum: int, _frame=None) -> None:
         # No logging here. A handler that interrupts a write to the log (one blocked on a full
         # pipe) raises when it writes, and the flag below would never be set. The loop logs it.
@@ -207,6 +257,9 @@ class Daemon:
         """Ask for the pass an event calls for: over its names, over the folder, or none."""
         kind = event.event_type
         if kind in ("opened", "closed_no_write"):
+            return
+        if kind == "poll_done":
+            self._release_poll()
             return
         watch = self._watch
         if watch is None:
@@ -234,7 +287,10 @@ class Daemon:
             if self._name_matters(kind, path, name):
                 names.add(name)
         if names:
-            self.request_names(names, lazy=kind == "modified")
+            if watch.observer_kind == "polling":
+                self._hold_for_poll(names, lazy=kind == "modified")
+            else:
+                self.request_names(names, lazy=kind == "modified")
 
     def _name_matters(self, kind: str, path: str, name: str) -> bool:
         """Return whether a name can change what a pass decides."""
@@ -266,6 +322,7 @@ class Daemon:
         finally:
             self._notifier.stopping()
             self._detach()
+            self._lookout.stop()
             logging.getLogger("watchdog.observers").removeHandler(self._overflow_handler)
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
@@ -312,7 +369,7 @@ class Daemon:
         try:
             dir_fd = open_folder(path)
         except FolderError as error:
-            self._report_waiting(error)
+            self._wait_for(path, error)
             return
         try:
             lock_fd = acquire_lock(dir_fd, path)
@@ -333,8 +390,9 @@ class Daemon:
                 os.close(lock_fd)
             os.close(dir_fd)
             # FileNotFoundError: deleted or replaced again between opening and watching.
-            self._report_waiting(FolderError(error.errno, f"cannot watch {path}: {error}"))
+            self._wait_for(path, FolderError(error.errno, f"cannot watch {path}: {error}"))
             return
+        self._lookout.stop()
         self._watch = _Watch(path, observed, dir_fd, lock_fd, identity, observer, kind)
         self._waiting_reported = False
         self._pass_requested = True
@@ -344,14 +402,23 @@ class Daemon:
         else:
             log.info("watching %s, which is %s, with the %s observer", path, observed, kind)
 
-    def _report_waiting(self, error: FolderError) -> None:
+    def _wait_for(self, path: str, error: FolderError) -> None:
+        """Watch for the folder at `path` to become usable, and report the wait once."""
+        if self.policy.polling:
+            self._lookout.stop()  # inotify is not trusted here, so the loop polls
+        elif self._lookout.follow(path):
+            self._wake.set()  # the folder may have appeared before the watch was set
         if self._waiting_reported:
             return
         self._waiting_reported = True
         if error.errno == errno.ENOENT:
             log.info("%s; waiting for it to appear", error.strerror)
         else:
-            log.error("%s; checking again every %.1f s", error.strerror, WAIT_INTERVAL)
+            log.error(
+                "%s; trying again when it changes, and at least every %.0f s",
+                error.strerror,
+                self._waiting_interval(),
+            )
         status = f"waiting for {self.policy.directory}"
         if self._ready_sent:
             self._notifier.status(status)
@@ -391,7 +458,7 @@ class Daemon:
         watch, self._watch = self._watch, None
         if watch is None:
             return
-        _stop_observer(watch.observer)
+        stop_observer(watch.observer)
         if watch.lock_fd is not None:
             os.close(watch.lock_fd)
         os.close(watch.dir_fd)
@@ -423,7 +490,7 @@ class Daemon:
                     "fs.inotify.max_user_watches or fs.inotify.max_user_instances to use inotify",
                     error,
                 )
-        return self._schedule(PollingObserver(timeout=POLL_INTERVAL), path), "polling"
+        return self._schedule(_polling_observer(), path), "polling"
 
     def _schedule(
         self, observer: BaseObserver, path: str, events: list[type] | None = None
@@ -432,7 +499,7 @@ class Daemon:
             observer.schedule(_EventHandler(self), path, recursive=False, event_filter=events)
             observer.start()
         except BaseException:
-            _stop_observer(observer)
+            stop_observer(observer)
             raise
         return observer
 
@@ -460,7 +527,7 @@ class Daemon:
             return False
         self._restarts.append(now)
         watch = self._watch
-        _stop_observer(watch.observer)
+        stop_observer(watch.observer)
         try:
             watch.observer, watch.observer_kind = self._start_observer(watch.observed)
         except OSError as error:
@@ -554,7 +621,7 @@ class Daemon:
 
     def _sleep_time(self) -> float:
         now = time.monotonic()
-        deadlines = [FOLDER_CHECK_INTERVAL if self._watch is not None else WAIT_INTERVAL]
+        deadlines = [FOLDER_CHECK_INTERVAL if self._watch is not None else self._waiting_interval()]
         if self._watch is not None:
             deadlines.append(self._last_full_pass + self.policy.rescan_interval - now)
             if self._lazy_names:
@@ -562,6 +629,10 @@ class Daemon:
         if self._notifier.watchdog_interval is not None:
             deadlines.append(self._next_ping - now)
         return max(0.0, min(deadlines))
+
+    def _waiting_interval(self) -> float:
+        """Return the seconds between checks for a missing folder."""
+        return FOLDER_CHECK_INTERVAL if self._lookout.active else WAIT_INTERVAL
 
 
 def _same_file(fd: int, name: str, dir_fd: int) -> bool:
@@ -587,15 +658,6 @@ def _shorten_move_pairing() -> None:
         return
     if isinstance(getattr(InotifyMoveEventGrouper, "delay", None), (int, float)):
         InotifyMoveEventGrouper.delay = MOVE_PAIRING_DELAY
-
-
-def _stop_observer(observer: BaseObserver) -> None:
-    try:
-        observer.stop()
-        if observer.is_alive():
-            observer.join(timeout=5)
-    except Exception:
-        log.exception("failed to stop the observer cleanly")
 
 
 class _Waker:
