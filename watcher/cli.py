@@ -247,6 +247,8 @@ def _print_line(line: str) -> None:
 
 
 def _flush_stdout() -> None:
+    if sys.stdout is None:  # None when the file descriptor was closed at start
+        return
     try:
         sys.stdout.flush()
     except BrokenPipeError:
