@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -84,6 +85,22 @@ def test_dry_run_into_closed_pipe(tmp_path: Path, samples: Samples) -> None:
     assert "Broken pipe" not in stderr
     assert "Exception ignored" not in stderr
     assert names(folder) - {".ckpt-watcher.lock"} == before
+
+
+def test_once_json_fields(folder: Path, samples: Samples) -> None:
+    """--once with JSON logs gives each deletion and each invalid file its own fields."""
+    write_file(folder / ck(50), samples.valid[:100])
+
+    result = run_watcher(str(folder), "--once", "--log-format", "json")
+
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stderr.splitlines()]
+    events = {(record.get("event"), record.get("file")) for record in records}
+    assert ("invalid", ck(50)) in events
+    assert {("pruned", ck(step)) for step in (100, 200, 300)} <= events
+    invalid = next(record for record in records if record.get("event") == "invalid")
+    assert invalid["reason"].startswith("truncated")
+    assert invalid["step"] == 50
 
 
 def test_config_file_and_override(folder: Path, tmp_path: Path) -> None:

@@ -455,6 +455,29 @@ def test_json_logs(folder: Path, samples: Samples, start_watcher) -> None:
     pruned = [record for record in records if record["message"].startswith("pruned")]
     assert len(pruned) == 1
     assert ck(1) in pruned[0]["message"]
+    assert pruned[0]["event"] == "pruned"
+    assert pruned[0]["file"] == ck(1)
+    assert pruned[0]["step"] == 1
+    assert pruned[0]["series"] == f"model_v2_step_{RUN}_s42.pt"
+    assert pruned[0]["bytes"] == len(samples.valid)
+    assert pruned[0]["reason"].startswith("older than the newest 2 valid checkpoints")
+
+
+def test_json_log_fields_of_dry_run(folder: Path, samples: Samples, start_watcher) -> None:
+    """A daemon's dry run logs each file it would prune with JSON fields, and no invalid one."""
+    for step in (1, 2, 3):
+        write_file(folder / ck(step), samples.valid)
+    write_file(folder / ck(4), samples.valid[:100])
+    watcher = start_watcher(str(folder), "--log-format", "json", "--dry-run")
+    assert watcher.wait_for_log("would prune")
+    assert watcher.stop() == 0
+
+    records = [json.loads(line) for line in watcher.log.splitlines()]
+    would = [record for record in records if record.get("event") == "would_prune"]
+    assert [record["file"] for record in would] == [ck(1)]
+    assert would[0]["step"] == 1
+    assert would[0]["message"].startswith("would prune")
+    assert steps_left(folder) == [1, 2, 3, 4]
 
 
 def test_sd_notify_messages(folder: Path, tmp_path: Path, start_watcher) -> None:

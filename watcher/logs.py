@@ -15,15 +15,31 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         payload = _json_payload(record.created, record.msecs, record.levelname, record.name)
         payload["message"] = record.getMessage()
+        _add_fields(payload, getattr(record, FIELDS, None))
         if record.exc_info:
             payload["exception"] = self.formatException(record.exc_info)
         return json.dumps(payload, ensure_ascii=False)
 
-    def line(self, created: float, msecs: float, level: str, name: str, message: str) -> str:
+    def line(
+        self,
+        created: float,
+        msecs: float,
+        level: str,
+        name: str,
+        message: str,
+        fields: dict | None = None,
+    ) -> str:
         """Return what format() returns for a record with these fields and no exception."""
         payload = _json_payload(created, msecs, level, name)
         payload["message"] = message
+        _add_fields(payload, fields)
         return json.dumps(payload, ensure_ascii=False)
+
+
+FIELDS = "fields"
+"""Name of the LogRecord attribute, set with `extra`, whose dict the JSON format adds to the
+line: the file, step, series, size and reason of a decision about one checkpoint. The text format
+shows only the message, which names all of them too."""
 
 
 def _json_payload(created: float, msecs: float, level: str, name: str) -> dict[str, str]:
@@ -32,6 +48,13 @@ def _json_payload(created: float, msecs: float, level: str, name: str) -> dict[s
         "level": level,
         "logger": name,
     }
+
+
+def _add_fields(payload: dict, fields: dict | None) -> None:
+    """Add `fields` to a JSON line, keeping the standard keys as they are."""
+    if fields:
+        for key, value in fields.items():
+            payload.setdefault(key, value)
 
 
 class TextFormatter(logging.Formatter):
@@ -45,7 +68,15 @@ class TextFormatter(logging.Formatter):
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         return self._time_text(record.created, record.msecs)
 
-    def line(self, created: float, msecs: float, level: str, name: str, message: str) -> str:
+    def line(
+        self,
+        created: float,
+        msecs: float,
+        level: str,
+        name: str,
+        message: str,
+        fields: dict | None = None,
+    ) -> str:
         """Return what format() returns for a record with these fields and no exception."""
         return f"{self._time_text(created, msecs)} {level} {name}: {message}"
 
@@ -61,8 +92,9 @@ _OWN_HANDLER = "_ckpt_watcher_handler"
 """Attribute that marks the handler configure_logging installs."""
 
 
-def info_writer(logger: logging.Logger) -> Callable[[str], None]:
-    """Return a function that logs one message at INFO, as logger.info("%s", message) does.
+def info_writer(logger: logging.Logger) -> Callable[[str, dict | None], None]:
+    """Return a function that logs one message at INFO, with optional JSON fields, as
+    logger.info("%s", message, extra={FIELDS: fields}) does.
 
     Where the record would reach only the handler that configure_logging installed, the function
     formats and writes the line itself, which skips building a LogRecord and the calls around it.
@@ -74,24 +106,25 @@ def info_writer(logger: logging.Logger) -> Callable[[str], None]:
         return _ignore
     handler = _sole_handler(logger)
     if handler is None:
-        return lambda message: logger.info("%s", message)
+        return lambda message, fields=None: logger.info("%s", message, extra={FIELDS: fields})
     formatter = handler.formatter
     name = logger.name
 
-    def write(message: str) -> None:
+    def write(message: str, fields: dict | None = None) -> None:
         created = time.time()
         try:
-            line = formatter.line(created, (created - int(created)) * 1000, "INFO", name, message)
+            msecs = (created - int(created)) * 1000
+            line = formatter.line(created, msecs, "INFO", name, message, fields)
             with handler.lock:
                 handler.stream.write(line + handler.terminator)
                 handler.stream.flush()
         except Exception:  # noqa: BLE001 - the standard path reports it
-            logger.info("%s", message)
+            logger.info("%s", message, extra={FIELDS: fields})
 
     return write
 
 
-def _ignore(message: str) -> None:
+def _ignore(message: str, fields: dict | None = None) -> None:
     pass
 
 

@@ -14,6 +14,7 @@ from typing import NamedTuple
 from watcher.deleters import ForkFailed, can_fork, run_spread
 from watcher.logs import info_writer
 from watcher.policy import Decision, Plan
+from watcher.scan import Entry
 from watcher.validity import Verdict
 
 log = logging.getLogger(__name__)
@@ -220,7 +221,10 @@ class _Deleter:
     """Deletes single checkpoints of one plan; see execute_plan for its arguments."""
 
     def __init__(
-        self, dir_fd: int, note: Callable[[str], None], hidden_names: Collection[str] | None
+        self,
+        dir_fd: int,
+        note: Callable[[str, dict | None], None],
+        hidden_names: Collection[str] | None,
     ) -> None:
         self.dir_fd = dir_fd
         self.note = note
@@ -267,7 +271,10 @@ class _Deleter:
             result.failures.append((target.index, _deletion_error(error)))
             return
         self.note(
-            "pruned " + describe(name, target.step, target.series, target.size, target.reason)
+            "pruned " + describe(name, target.step, target.series, target.size, target.reason),
+            checkpoint_fields(
+                "pruned", name, target.step, target.series, target.size, target.reason
+            ),
         )
         result.gone.append(name)
         result.pruned += 1
@@ -385,6 +392,27 @@ def _is_version(now: os.stat_result, dev: int, ino: int, size: int, mtime_ns: in
 def describe_decision(decision: Decision) -> str:
     entry = decision.entry
     return describe(entry.name, entry.step, entry.series, entry.stat.st_size, decision.reason)
+
+
+def entry_fields(event: str, entry: Entry, reason: str) -> dict:
+    """Return the JSON log fields of `event` about the checkpoint `entry`."""
+    return checkpoint_fields(
+        event, entry.name, entry.step, entry.series, entry.stat.st_size, reason
+    )
+
+
+def checkpoint_fields(
+    event: str, name: str, step: int, series: str, size: int, reason: str
+) -> dict:
+    """Return the JSON log fields of `event` about one checkpoint."""
+    return {
+        "event": event,
+        "file": name,
+        "step": step,
+        "series": series,
+        "bytes": size,
+        "reason": reason,
+    }
 
 
 def describe(name: str, step: int, series: str, size: int, reason: str) -> str:
