@@ -459,6 +459,20 @@ def test_legacy_pickle_protocol_4_valid(tmp_path: Path) -> None:
     assert verdict.valid, verdict.reason
 
 
+@pytest.mark.parametrize("dtype", ["uint16", "uint32", "float8_e4m3fn"])
+def test_legacy_untyped_storage_invalid(tmp_path: Path, dtype: str) -> None:
+    """torch.save writes these dtypes in the legacy format but torch.load cannot read them."""
+    tensor = torch.zeros(3, dtype=getattr(torch, dtype))
+    path = _save(tmp_path / "old.pt", {"t": tensor}, _use_new_zipfile_serialization=False)
+
+    verdict = check_file(None, str(path))
+
+    with pytest.raises(AttributeError):
+        torch.load(path, weights_only=False)
+    assert not verdict.valid
+    assert "UntypedStorage" in verdict.reason
+
+
 def test_legacy_truncated_every_offset(tmp_path: Path) -> None:
     obj = {"w": torch.randn(3, 4), "b": torch.zeros(0), "i": torch.arange(5)}
     path = _save(tmp_path / "full.pt", obj, _use_new_zipfile_serialization=False)

@@ -102,6 +102,13 @@ def _check_legacy_storages(
             raise Invalid(
                 f"storage {key} has unknown type {ref.type_name!r}, so its end cannot be found"
             )
+        if ref.type_name == "UntypedStorage":
+            # torch 2.13's legacy loader reads the storage class's dtype, which UntypedStorage
+            # lacks, so it cannot load the file. It writes such storages for dtypes without a
+            # storage class of their own (uint16, float8 and others).
+            raise Invalid(
+                f"storage {key} is an UntypedStorage, which torch cannot load from a legacy file"
+            )
         header = file.read_exact(8, position, f"size header of storage {key}")
         (count,) = struct.unpack("<q", header)
         if count != ref.numel:
@@ -116,6 +123,9 @@ def _check_legacy_storages(
         raise Invalid(f"{size - position} unexpected bytes after the last storage")
 
 
+# NOTE: the legacy format has no checksums, and this check does not evaluate the tensor calls in
+# its pickles. A damaged byte that still parses (a storage offset past the storage's end, a
+# misspelled class name) makes torch.load fail on a file this check calls valid.
 def check_legacy(file: FileReader, size: int) -> str:
     reader = _PreadReader(file, size)
     unused: dict[str, StorageRef] = {}

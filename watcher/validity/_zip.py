@@ -27,8 +27,9 @@ _ZIP64_EOCD = struct.Struct("<IQHHIIQQQQ")
 _ZIP64_EOCD_SIGNATURE = 0x06064B50
 # The 46-byte central directory header, unpacked into the fields this check uses: signature,
 # flags, method, CRC-32, compressed size, uncompressed size, name length, extra field length,
-# comment length and local header offset. Pad bytes (x) skip the others.
-_CENTRAL_HEADER = struct.Struct("<I4xHH4xIIIHHH8xI")
+# comment length, disk number, external attributes and local header offset. Pad bytes (x) skip
+# the others.
+_CENTRAL_HEADER = struct.Struct("<I4xHH4xIIIHHHH2xII")
 _CENTRAL_HEADER_SIZE = 46
 _CENTRAL_HEADER_SIGNATURE = 0x02014B50
 # The 30-byte local header, unpacked into signature, name length and extra field length.
@@ -36,6 +37,12 @@ _LOCAL_HEADER = struct.Struct("<I22xHH")
 _LOCAL_HEADER_SIZE = 30
 _LOCAL_HEADER_SIGNATURE = 0x04034B50
 _ZIP64_EXTRA_ID = 0x0001
+# Flags of a record that torch's zip reader (miniz) cannot read: encrypted (bit 0), compressed
+# patch data (bit 5), strong encryption (bit 6) and a masked local header (bit 13).
+_UNREADABLE_FLAGS = 0x0001 | 0x0020 | 0x0040 | 0x2000
+# The MS-DOS directory attribute in a record's external attributes. torch's zip reader takes such a
+# record, or one whose name ends with "/", for a directory and reads no data from it.
+_DOS_FOLDER_ATTRIBUTE = 0x10
 _MAX16 = 0xFFFF
 _MAX32 = 0xFFFFFFFF
 
@@ -60,6 +67,7 @@ def _read_zip_end(file: FileReader, size: int) -> tuple[int, int, int]:
     eocd = _EOCD.unpack_from(tail, _ZIP64_LOCATOR.size)
     signature, disk, cd_disk, disk_entries, entries16, cd_size32, cd_offset32, comment = eocd
     if signature != _EOCD_SIGNATURE:
+        _raise_for_bytes_after_end(file, size)
         raise Invalid("truncated: end-of-central-directory record missing")
     if comment != 0 or disk not in (0, _MAX16) or cd_disk not in (0, _MAX16):
         raise Invalid("end-of-central-directory record is damaged or not from torch.save")
@@ -88,6 +96,21 @@ def _read_zip_end(file: FileReader, size: int) -> tuple[int, int, int]:
     if cd_size32 not in (cd_size, _MAX32) or cd_offset32 not in (cd_offset, _MAX32):
         raise Invalid("end records disagree on the central directory position")
     return cd_offset, cd_size, entries
+
+
+def _raise_for_bytes_after_end(file: FileReader, size: int) -> None:
+    """Raise Invalid naming the bytes after an end record found earlier in the loaded window.
+
+    torch.save writes nothing after the end record, so such bytes were added by something else.
+    """
+    signature = _EOCD_SIGNATURE.to_bytes(4, "little")
+    found = file.window.rfind(signature)
+    while found >= 0:
+        end = file.window_start + found + _EOCD.size
+        if end < size:
+            extra = count_noun(size - end, "byte")
+            raise Invalid(f"{extra} after the end-of-central-directory record")
+        found = file.window.rfind(signature, 0, found)
 
 
 def _plain_zip_end(
@@ -160,6 +183,8 @@ def _parse_central_directory(directory: bytes, entries: int) -> dict[str, tuple]
             name_length,
             extra_length,
             comment_length,
+            disk,
+            external_attributes,
             header_offset,
         ) = unpack_header(directory, position)
         if signature != _CENTRAL_HEADER_SIGNATURE:
@@ -176,6 +201,17 @@ def _parse_central_directory(directory: bytes, entries: int) -> dict[str, tuple]
             uncompressed_size, compressed_size, header_offset = _resolve_zip64(
                 extra, uncompressed_size, compressed_size, header_offset, name
             )
+        # What torch.save writes, and what torch's reader needs to read each record: one test
+        # for the usual case, then the reason.
+        if (
+            method
+            or compressed_size != uncompressed_size
+            or flags & _UNREADABLE_FLAGS
+            or disk
+            or external_attributes & _DOS_FOLDER_ATTRIBUTE
+            or raw_name.endswith(b"/")
+        ):
+            _reject_entry(name, method, compressed_size, uncompressed_size, flags, disk)
         if duplicate is None and name in records:
             duplicate = name
         records[name] = (
@@ -196,6 +232,23 @@ def _parse_central_directory(directory: bytes, entries: int) -> dict[str, tuple]
     return records
 
 
+def _reject_entry(
+    name: str, method: int, compressed_size: int, uncompressed_size: int, flags: int, disk: int
+) -> None:
+    """Raise Invalid for a central directory entry that torch.save would not write."""
+    if method != 0:
+        raise Invalid(
+            f"{name} is compressed with method {method}, but torch.save stores records uncompressed"
+        )
+    if compressed_size != uncompressed_size:
+        raise Invalid(f"directory entry of {name} has inconsistent sizes")
+    if flags & _UNREADABLE_FLAGS:
+        raise Invalid(f"record {name} has flags {flags:#06x}, which mark it encrypted or masked")
+    if disk != 0:
+        raise Invalid(f"record {name} starts on disk {disk}: not a torch archive: multi-disk zip")
+    raise Invalid(f"record {name} is marked as a directory, from which torch reads no data")
+
+
 def _read_central_directory(
     file: FileReader, cd_offset: int, cd_size: int, entries: int
 ) -> dict[str, tuple]:
@@ -208,11 +261,12 @@ def _read_central_directory(
 
 
 def _check_local_headers(
-    file: FileReader, records: Iterable[tuple], cd_offset: int, pickle_record: tuple
-) -> int:
+    file: FileReader, records: Iterable[tuple], cd_offset: int, storage_folder: str
+) -> list[tuple[tuple, int]]:
     """Check each record's local header and that records lie, without overlap, before the CD.
 
-    Return where the data of `pickle_record`, one of `records`, starts.
+    Return each record outside `storage_folder` (data.pkl and the small records torch.load
+    parses) with the offset where its data starts.
     """
     ordered = sorted(records, key=_header_offset_of)
     limits = [record[0] for record in ordered[1:]]
@@ -220,11 +274,9 @@ def _check_local_headers(
     window = file.window
     window_start = file.window_start
     window_size = len(window)
-    pickle_data_offset = -1
+    found = []
     for record, limit in zip(ordered, limits):
-        header_offset, name, raw_name, flags, _method, _crc, compressed_size, _size = record
-        if flags & 0x1:
-            raise Invalid(f"record {name} is encrypted")
+        header_offset, name, raw_name, _flags, _method, _crc, compressed_size, _size = record
         length = _LOCAL_HEADER_SIZE + len(raw_name)
         # A header inside the window is parsed in place, which saves a copy per record.
         start = header_offset - window_start
@@ -244,20 +296,17 @@ def _check_local_headers(
         data_offset = header_offset + length + extra_length
         if data_offset + compressed_size > limit:
             raise Invalid(f"record {name} overlaps the next record or the directory")
-        if record is pickle_record:
-            pickle_data_offset = data_offset
-    return pickle_data_offset
+        if not name.startswith(storage_folder):
+            found.append((record, data_offset))
+    return found
 
 
 def _read_stored_record(file: FileReader, record: tuple, data_offset: int) -> bytes:
-    """Read one uncompressed record, as torch.save writes them, and check its CRC-32."""
-    _header_offset, name, _raw_name, _flags, method, crc, compressed_size, size = record
-    if method != 0:
-        raise Invalid(
-            f"{name} is compressed with method {method}, but torch.save stores records uncompressed"
-        )
-    if compressed_size != size:
-        raise Invalid(f"directory entry of {name} has inconsistent sizes")
+    """Read one uncompressed record, as torch.save writes them, and check its CRC-32.
+
+    _parse_central_directory has checked that the record is stored, with equal sizes.
+    """
+    _header_offset, name, _raw_name, _flags, _method, crc, _compressed_size, size = record
     if size > MAX_PICKLE_BYTES:
         raise Invalid(
             f"{name} is {size} bytes, over the {MAX_PICKLE_BYTES}-byte limit of this check"
@@ -268,6 +317,52 @@ def _read_stored_record(file: FileReader, record: tuple, data_offset: int) -> by
     if crc != 0 and zlib.crc32(data) != crc:
         raise Invalid(f"CRC-32 mismatch in {name}")
     return data
+
+
+def _check_byteorder(name: str, content: bytes) -> None:
+    if content not in (b"little", b"big"):
+        raise Invalid(f"byteorder record is {content[:16]!r}, not b'little' or b'big'")
+
+
+def _check_version(name: str, content: bytes) -> None:
+    # torch's reader parses the record with std::stoull: leading white space, an optional '+'
+    # and the digits that follow, ignoring the rest.
+    text = content.lstrip(b" \t\n\v\f\r").removeprefix(b"+")
+    digits = text[: len(text) - len(text.lstrip(b"0123456789"))]
+    # NOTE: torch 2.13 reads versions 1 to 10 only, but a newer torch may write higher ones,
+    # so no upper limit is set.
+    if not digits or int(digits) < 1:
+        raise Invalid(f"{name} record is {content[:16]!r}, not a file format version")
+
+
+def _check_alignment(name: str, content: bytes) -> None:
+    try:
+        int(content)
+    except ValueError:
+        raise Invalid(f"{name} record is {content[:16]!r}, not a number") from None
+
+
+def _check_utf8(name: str, content: bytes) -> None:
+    try:
+        content.decode("utf-8")
+    except UnicodeDecodeError:
+        raise Invalid(f"{name} record is not UTF-8 text") from None
+
+
+# The records besides data.pkl whose content can make torch.load fail, named without the
+# archive's folder, with checks that parse them as torch 2.13 does. torch.load reads no other
+# record outside the storage folder, and .format_version fails no parse. A damaged byte that
+# still parses goes unnoticed, as it does in torch.load, which checks no CRC-32 when it reads.
+_SMALL_RECORD_CHECKS = {
+    "byteorder": _check_byteorder,
+    "version": _check_version,
+    ".data/version": _check_version,
+    ".storage_alignment": _check_alignment,
+    ".data/serialization_id": _check_utf8,
+}
+_SMALL_RECORD_MAX = 4096
+"""Maximum length of such a record that this check reads. torch.save writes at most 40 bytes
+into each."""
 
 
 def _archive_prefix(records: dict[str, tuple]) -> str:
@@ -316,8 +411,22 @@ def check_zip(file: FileReader, size: int) -> str:
     if f"{prefix}/version" not in records and f"{prefix}/.data/version" not in records:
         raise Invalid(f"not a torch archive: no {prefix}/version record")
 
-    data_offset = _check_local_headers(file, records.values(), cd_offset, pickle_record)
-    data = _read_stored_record(file, pickle_record, data_offset)
+    found = _check_local_headers(file, records.values(), cd_offset, f"{prefix}/data/")
+    data = b""
+    for record, data_offset in found:
+        if record is pickle_record:
+            data = _read_stored_record(file, record, data_offset)
+            continue
+        name = record[1][len(prefix) + 1 :]
+        check = _SMALL_RECORD_CHECKS.get(name)
+        if check is not None:
+            length = record[_UNCOMPRESSED_SIZE]
+            if length > _SMALL_RECORD_MAX:
+                raise Invalid(
+                    f"{name} record is {length} bytes, over the {_SMALL_RECORD_MAX}-byte limit "
+                    "of this check"
+                )
+            check(name, file.read_exact(length, data_offset, record[1]))
     storages = load_storages(data, "data.pkl")
     _check_storage_records(storages, records, prefix)
     return f"complete zip archive, {count_noun(len(storages), 'storage')}"
