@@ -151,6 +151,7 @@ def _rewritten(replace: dict[str, bytes]) -> bytes:
         ("version", b"x3", "not a file format version"),
         ("version", b"0\n", "not a file format version"),
         ("version", b"", "not a file format version"),
+        ("version", b"99999999999999999999\n", "not a file format version"),
         (".storage_alignment", b"x", "not a number"),
         (".data/serialization_id", b"\xff\xfe", "not UTF-8"),
     ],
@@ -194,7 +195,7 @@ def test_small_record_damaged_invalid() -> None:
     valid, text = _check(bytes(data))
 
     assert not valid
-    assert "byteorder record is b'Little'" in text
+    assert "archive/byteorder is b'Little'" in text
 
 
 @pytest.mark.parametrize("extra", [b"x", b"\n" * 100, b"PK\x05\x06"])
