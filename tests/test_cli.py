@@ -103,6 +103,16 @@ def test_once_json_fields(folder: Path, samples: Samples) -> None:
     assert invalid["step"] == 50
 
 
+def test_folder_under_a_file(tmp_path: Path) -> None:
+    """A DIR below a regular file gets a message that names the file in its path."""
+    (tmp_path / "plain").write_text("a file")
+
+    result = run_watcher(str(tmp_path / "plain" / "checkpoints"), "--once")
+
+    assert result.returncode == 1
+    assert "a part of its path is a file" in result.stderr
+
+
 def test_config_file_and_override(folder: Path, tmp_path: Path) -> None:
     config = tmp_path / "policy.yaml"
     config.write_text(f"directory: {folder}\nkeep_last: 1\nmilestones: [200]\n")

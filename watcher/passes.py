@@ -43,9 +43,11 @@ def open_folder(path: os.PathLike | str) -> int:
             errno.ENOENT, f"checkpoint folder {str(path)!r} not found: check DIR or 'directory'"
         ) from None
     except NotADirectoryError:
-        raise FolderError(
-            errno.ENOTDIR, f"{str(path)!r} is not a folder: DIR must name the checkpoint folder"
-        ) from None
+        if os.path.lexists(path):
+            text = f"{str(path)!r} is not a folder: DIR must name the checkpoint folder"
+        else:
+            text = f"{str(path)!r} is not found because a part of its path is a file: check DIR"
+        raise FolderError(errno.ENOTDIR, text) from None
     except OSError as error:
         raise FolderError(
             error.errno, f"cannot open checkpoint folder {str(path)!r}: {error.strerror}"
