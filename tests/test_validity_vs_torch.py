@@ -114,6 +114,8 @@ def test_no_flip_counts_unloadable(kind: str) -> None:
         ("byteorder", _COMPRESSED, 9, "inconsistent sizes"),
         ("data/0", _FLAGS, 0x2808, "encrypted or masked"),
         ("data.pkl", _FLAGS, 0x0809, "encrypted or masked"),
+        ("data/0", _FLAGS, 0x0828, "encrypted or masked"),
+        ("data/0", _FLAGS, 0x0848, "encrypted or masked"),
         ("data/0", _DISK, 2, "multi-disk"),
         ("byteorder", _EXTERNAL, 0x10, "marked as a directory"),
     ],

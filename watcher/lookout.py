@@ -109,7 +109,9 @@ class Lookout:
             level = (
                 logging.WARNING if error.errno in (errno.ENOSPC, errno.EMFILE) else logging.DEBUG
             )
-            log.log(level, "cannot watch %s for %s (%s): polling instead", spot.parent, path, error)
+            log.log(
+                level, "failed to watch %s for %s (%s): polling instead", spot.parent, path, error
+            )
             return False
         self._observer = observer
         self._spot = spot

@@ -152,7 +152,7 @@ def _execute_spread(
     """Check each file here and have forked processes delete the ones that pass.
 
     NOTE: this process checks every file alone, so it is the busiest process of a large pass. On
-    2 cores the pass is only on par with a glob+mtime sort, because the processes together run
+    2 cores the pass is at best on par with a glob+mtime sort, because the processes together run
     out of CPU: a second checking process made it slower there. More cores are not measured.
     """
     # This process records the files the check keeps. Each deleting process fills its own copy,

@@ -37,13 +37,14 @@ _LOCAL_HEADER = struct.Struct("<I22xHH")
 _LOCAL_HEADER_SIZE = 30
 _LOCAL_HEADER_SIGNATURE = 0x04034B50
 _ZIP64_EXTRA_ID = 0x0001
-# Flags of a record that torch's zip reader (miniz) cannot read: encrypted (bit 0), compressed
-# patch data (bit 5), strong encryption (bit 6) and a masked local header (bit 13).
+# Flags that make torch 2.13's zip reader (miniz) fail on a record, each tried with torch.load:
+# encrypted (bit 0), compressed patch data (bit 5), strong encryption (bit 6) and a masked local
+# header (bit 13).
 _UNREADABLE_FLAGS = 0x0001 | 0x0020 | 0x0040 | 0x2000
 # The MS-DOS directory attribute in a record's external attributes. torch's zip reader takes such a
 # record for a directory and reads no data from it. It does the same with a name that ends with
 # "/", but no name that torch.load reads ends with one.
-_DOS_FOLDER_ATTRIBUTE = 0x10
+_DOS_DIRECTORY_ATTRIBUTE = 0x10
 _MAX16 = 0xFFFF
 _MAX32 = 0xFFFFFFFF
 
@@ -209,7 +210,7 @@ def _parse_central_directory(directory: bytes, entries: int) -> dict[str, tuple]
             or compressed_size != uncompressed_size
             or flags & _UNREADABLE_FLAGS
             or disk
-            or external_attributes & _DOS_FOLDER_ATTRIBUTE
+            or external_attributes & _DOS_DIRECTORY_ATTRIBUTE
         ):
             _reject_entry(name, method, compressed_size, uncompressed_size, flags, disk)
         if duplicate is None and name in records:
