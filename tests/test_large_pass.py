@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import Samples, run_watcher, write_file
 
+from watcher.validity.checks import check_unchanged
+
 COUNT = 700
 INVALID_EVERY = 7
 MILESTONE_EVERY = 100
@@ -66,3 +68,33 @@ def test_large_dry_run_reports_only_valid_files(folder: Path, samples: Samples) 
     assert would == before - expected
     invalid_steps = [s for s in range(1, COUNT + 2) if s % INVALID_EVERY == 0]
     assert not would & {ck(s) for s in invalid_steps}
+
+
+def test_check_unchanged_follows_the_scanned_version(folder: Path, samples: Samples) -> None:
+    """The check just before a deletion keeps only an invalid file that is still the one scanned."""
+    valid, invalid = folder / ck(1), folder / ck(2)
+    write_file(valid, samples.valid)
+    write_file(invalid, samples.truncated)
+    dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        scanned_valid = os.lstat(valid)
+        scanned_invalid = os.lstat(invalid)
+        assert check_unchanged(dir_fd, valid.name, scanned_valid) is None
+        kept = check_unchanged(dir_fd, invalid.name, scanned_invalid)
+        assert kept is not None and not kept.valid and "truncated" in kept.reason
+
+        # Another file under the name (a new save): not the scanned version, so not kept here;
+        # the deletion finds the change and leaves the file in place.
+        replacement = folder / ".new.tmp"
+        write_file(replacement, samples.truncated)
+        os.replace(replacement, invalid)
+        assert check_unchanged(dir_fd, invalid.name, scanned_invalid) is None
+
+        # A symlink that took the name, and a name that is gone.
+        invalid.unlink()
+        invalid.symlink_to(valid.name)
+        assert check_unchanged(dir_fd, invalid.name, scanned_invalid) is None
+        invalid.unlink()
+        assert check_unchanged(dir_fd, invalid.name, scanned_invalid) is None
+    finally:
+        os.close(dir_fd)

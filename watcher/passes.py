@@ -21,11 +21,10 @@ from watcher.prune import (
     entry_fields,
     execute_plan,
     restore_interrupted,
-    same_file_version,
 )
 from watcher.scan import LOCK_NAME, Entry, Kind, NameMatcher, lookup, resolve_links, scan_folder
 from watcher.validity import ValidityCache, Verdict, stat_key
-from watcher.validity.checks import open_and_check
+from watcher.validity.checks import check_unchanged
 
 log = logging.getLogger(__name__)
 
@@ -209,10 +208,7 @@ class Pruner:
             if entry.name not in deferred:
                 return None
             # Not through the cache: the file is deleted next, or kept with this verdict.
-            verdict, _key = open_and_check(dir_fd, entry.name)
-            if verdict.valid or not _unchanged_since_scan(dir_fd, entry):
-                return None  # valid, or gone or replaced: the deletion finds that out
-            return verdict
+            return check_unchanged(dir_fd, entry.name, entry.stat)
 
         hidden_names = [e.name for e in listing.entries if e.name.startswith(PRUNING_PREFIX)]
         summary, kept_invalid = self._carry_out(
@@ -599,14 +595,6 @@ class Pruner:
                 extra={FIELDS: entry_fields("prune_failed", decision.entry, error)},
             )
         self._reported = reported
-
-
-def _unchanged_since_scan(dir_fd: int, entry: Entry) -> bool:
-    try:
-        now = os.stat(entry.name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    return same_file_version(entry.stat, now)
 
 
 def _warn_rollback(entry: Entry, highest: int) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import stat
 import struct
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from watcher.logs import info_writer
 from watcher.policy import Decision, Plan
 from watcher.scan import Entry
 from watcher.validity import Verdict
+from watcher.validity.checks import is_version
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +259,7 @@ class _Deleter:
 
         try:
             current = os.stat(hidden, dir_fd=dir_fd, follow_symlinks=False)
-            if not _is_version(current, target.dev, target.ino, target.size, target.mtime_ns):
+            if not is_version(current, target.dev, target.ino, target.size, target.mtime_ns):
                 # A link swapped in or a new save since the scan: the plan does not apply to it.
                 _put_back(hidden, name, dir_fd)
                 log.warning("%r changed since the scan, left in place for the next pass", name)
@@ -372,21 +372,6 @@ def _deletion_error(error: OSError) -> str:
             "(mode +t) only the file's owner may delete it"
         )
     return text
-
-
-def same_file_version(before: os.stat_result, now: os.stat_result) -> bool:
-    """Return whether `now` is the regular file `before` describes, unchanged in size and mtime."""
-    return _is_version(now, before.st_dev, before.st_ino, before.st_size, before.st_mtime_ns)
-
-
-def _is_version(now: os.stat_result, dev: int, ino: int, size: int, mtime_ns: int) -> bool:
-    return (
-        stat.S_ISREG(now.st_mode)
-        and now.st_ino == ino
-        and now.st_dev == dev
-        and now.st_size == size
-        and now.st_mtime_ns == mtime_ns
-    )
 
 
 def describe_decision(decision: Decision) -> str:
