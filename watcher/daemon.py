@@ -51,8 +51,8 @@ watched folder, or pointing the symbolic link that names it at another folder, g
 only this check notices it. Each check wakes an idle daemon, and on the 2-core virtual machine of
 the benchmarks a wake-up cost from 0.4 to 10 ms of CPU, by the load of the host, even in a Python
 loop that does nothing else. At one check a second that was up to 0.6 s of CPU a minute.
-TODO: watch the folder's parent with inotify, as a daemon waiting for a missing folder does, so
-that a rename needs no periodic check and an idle daemon never wakes."""
+NOTE: an inotify watch on the folder's parent would report a rename at once, but this check also
+finds an observer whose threads died, which gives no event, so an idle daemon still wakes."""
 WAIT_INTERVAL = 1.0
 """Seconds between checks for a missing folder when no inotify watch on its parent is possible
 (a shared filesystem, --polling, inotify limits). With such a watch, its events wake the daemon,
