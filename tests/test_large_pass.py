@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 from conftest import Samples, run_watcher, write_file
 
-from watcher.validity.checks import check_unchanged
+import watcher.validity.checks
+from watcher import cli
+from watcher.validity.checks import CHANGED, GONE, check_unchanged
 
 COUNT = 700
 INVALID_EVERY = 7
@@ -80,21 +82,50 @@ def test_check_unchanged_follows_the_scanned_version(folder: Path, samples: Samp
         scanned_valid = os.lstat(valid)
         scanned_invalid = os.lstat(invalid)
         assert check_unchanged(dir_fd, valid.name, scanned_valid) is None
-        kept = check_unchanged(dir_fd, invalid.name, scanned_invalid)
-        assert kept is not None and not kept.valid and "truncated" in kept.reason
+        verdict = check_unchanged(dir_fd, invalid.name, scanned_invalid)
+        assert verdict is not None
+        assert not verdict.valid
+        assert "truncated" in verdict.reason
 
-        # Another file under the name (a new save): not the scanned version, so not kept here;
-        # the deletion finds the change and leaves the file in place.
+        # Another file under the name (a new save) is not the scanned version, so it is left.
         replacement = folder / ".new.tmp"
         write_file(replacement, samples.truncated)
         os.replace(replacement, invalid)
-        assert check_unchanged(dir_fd, invalid.name, scanned_invalid) is None
+        assert check_unchanged(dir_fd, invalid.name, scanned_invalid) is CHANGED
 
         # A symlink that took the name, and a name that is gone.
         invalid.unlink()
         invalid.symlink_to(valid.name)
-        assert check_unchanged(dir_fd, invalid.name, scanned_invalid) is None
+        assert check_unchanged(dir_fd, invalid.name, scanned_invalid) is CHANGED
         invalid.unlink()
-        assert check_unchanged(dir_fd, invalid.name, scanned_invalid) is None
+        assert check_unchanged(dir_fd, invalid.name, scanned_invalid) is GONE
     finally:
         os.close(dir_fd)
+
+
+def test_file_away_during_check_is_kept(
+    folder: Path, samples: Samples, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An invalid file moved out of the folder during its check and back before its deletion
+    was never checked, so the pass must leave it, whatever the deletion then finds."""
+    for step in range(1, 6):
+        write_file(folder / ck(step), samples.valid)
+    write_file(folder / ck(2), samples.truncated)
+    away = folder.parent / "away.pt"
+    original_open = watcher.validity.checks._open_for_check
+
+    def open_while_away(dir_fd: int | None, name: str) -> int:
+        if name != ck(2):
+            return original_open(dir_fd, name)
+        os.rename(folder / name, away)
+        try:
+            return original_open(dir_fd, name)
+        finally:
+            os.rename(away, folder / name)
+
+    monkeypatch.setattr(watcher.validity.checks, "_open_for_check", open_while_away)
+    assert cli.main([str(folder), "--once", "--keep-last", "2"]) == 0
+
+    left = set(os.listdir(folder)) - {".ckpt-watcher.lock"}
+    assert left == {ck(2), ck(4), ck(5)}
+    assert (folder / ck(2)).read_bytes() == samples.truncated

@@ -15,7 +15,7 @@ from watcher.logs import info_writer
 from watcher.policy import Decision, Plan
 from watcher.scan import Entry
 from watcher.validity import Verdict
-from watcher.validity.checks import is_version
+from watcher.validity.checks import CHANGED, GONE, is_version
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,8 @@ def execute_plan(
     A file that is gone already is skipped quietly, one that changed since the scan is left for the
     next pass, and a failed deletion is recorded in the result and the rest of the plan still runs.
     A dry run deletes nothing and only counts what would go. `confirm`, when given, is called for
-    each file just before its deletion; a file it returns a verdict for is kept as invalid.
+    each file just before its deletion. A file it returns GONE or CHANGED for is skipped as above,
+    and one it returns another verdict for is kept as invalid.
 
     With `processes` above 1, a large plan is carried out by that many forked processes (see
     watcher.deleters); the caller must have no other thread running.
@@ -100,11 +101,25 @@ def execute_plan(
 
 
 def _confirmed(decision: Decision, confirm, result: PruneResult) -> bool:
-    """Return whether `confirm` lets the file go. A file it keeps is recorded in `result`."""
+    """Return whether `confirm` lets the file go, recording in `result` a file it keeps.
+
+    `confirm` returns None for a file that may go, GONE or CHANGED for a name that no longer
+    is the scanned file, which is left for the next pass, or the verdict of an invalid file.
+    """
     verdict = None if confirm is None else confirm(decision)
-    if verdict is not None:
-        result.kept_invalid[decision.entry.name] = verdict
-    return verdict is None
+    if verdict is None:
+        return True
+    name = decision.entry.name
+    if verdict is GONE:
+        log.info("already gone, nothing to prune: %r", name)
+        result.skipped += 1
+        result.gone.append(name)
+    elif verdict is CHANGED:
+        log.warning("%r changed since the scan, left in place for the next pass", name)
+        result.skipped += 1
+    else:
+        result.kept_invalid[name] = verdict
+    return False
 
 
 class _Target(NamedTuple):
@@ -154,6 +169,8 @@ def _execute_spread(
     NOTE: this process checks every file alone, so it is the busiest process of a large pass. On
     2 cores the pass is at best on par with a glob+mtime sort, because the processes together run
     out of CPU: a second checking process made it slower there. More cores are not measured.
+    NOTE: a file waits in the queue for up to a fraction of a second after its check. Content
+    changed in that time, with the size and mtime put back, goes unnoticed by the deletion.
     """
     # This process records the files the check keeps. Each deleting process fills its own copy,
     # forked while still empty, and sends it back.

@@ -124,13 +124,21 @@ def open_and_check(dir_fd: int | None, name: str) -> tuple[Verdict, tuple | None
     return verdict, key if key == stat_key(after) else None
 
 
+GONE = Verdict(False, "gone since the scan")
+"""The result of check_unchanged for a name that no longer exists."""
+CHANGED = Verdict(False, "changed since the scan")
+"""The result of check_unchanged for a name that is now another file, a link or another version."""
+
+
 def check_unchanged(dir_fd: int, name: str, scanned: os.stat_result) -> Verdict | None:
     """Check `name` just before its deletion, if it is still the file version `scanned`.
 
-    `scanned` is the file's lstat result from the scan that planned the deletion. Return the
-    verdict of an invalid file that stayed that version through the check. Return None when the
-    file is valid, gone, or another version: its deletion then finds a change and leaves the
-    file in place. Compared with open_and_check, this spares one fstat for a valid file.
+    `scanned` is the file's lstat result from the scan that planned the deletion. Return None
+    for a valid file that is still that version, which alone may go. Return the verdict of an
+    invalid file that stayed that version through the check, which is kept. Return GONE or
+    CHANGED when the name is missing or is not that version: the file is not deleted, because
+    a file that was away during the check, or changed, was never checked.
+    Compared with open_and_check, this makes one fstat less for a valid file.
     """
     dev, ino, size, mtime_ns = (
         scanned.st_dev,
@@ -141,25 +149,28 @@ def check_unchanged(dir_fd: int, name: str, scanned: os.stat_result) -> Verdict 
     try:
         fd = _open_for_check(dir_fd, name)
     except FileNotFoundError:
-        return None
+        return GONE
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            return None  # a symbolic link took the name
+            return CHANGED  # a symbolic link took the name
         try:
             now = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return GONE
         except OSError:
-            return None
+            return CHANGED
         if not is_version(now, dev, ino, size, mtime_ns):
-            return None
+            return CHANGED
         return Verdict(False, f"unreadable: {exc.strerror}")
     try:
         before = os.fstat(fd)
         if not is_version(before, dev, ino, size, mtime_ns):
-            return None
+            return CHANGED
         verdict = _check_open_file(fd, before)
-        if verdict.valid or not is_version(os.fstat(fd), dev, ino, size, mtime_ns):
+        if verdict.valid:
+            # A change during the check shows in the size or mtime that the deletion compares.
             return None
-        return verdict
+        return verdict if is_version(os.fstat(fd), dev, ino, size, mtime_ns) else CHANGED
     finally:
         os.close(fd)
 
