@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 from conftest import Samples, run_watcher, write_file
 
+import watcher.prune
 import watcher.validity.checks
 from watcher import cli
+from watcher.prune import PRUNING_PREFIX
 from watcher.validity.checks import CHANGED, GONE, check_unchanged
 
 COUNT = 700
@@ -129,3 +131,30 @@ def test_file_away_during_check_is_kept(
     left = set(os.listdir(folder)) - {".ckpt-watcher.lock"}
     assert left == {ck(2), ck(4), ck(5)}
     assert (folder / ck(2)).read_bytes() == samples.truncated
+
+
+@pytest.mark.parametrize("spread", [False, True], ids=["one process", "several processes"])
+def test_hidden_name_taken_during_pass_survives(
+    folder: Path, samples: Samples, monkeypatch: pytest.MonkeyPatch, spread: bool
+) -> None:
+    """A file created under a hidden name after the scan is never replaced by the deletion."""
+    count = 1200 if spread else 5
+    for step in range(1, count + 1):
+        write_file(folder / ck(step), samples.valid)
+    victim = ck(1)
+    hidden = folder / (PRUNING_PREFIX + victim)
+    original_taken = watcher.prune._Deleter._taken
+
+    def taken_after_the_lookup(deleter, name: str) -> bool:
+        answer = original_taken(deleter, name)
+        if name == PRUNING_PREFIX + victim:
+            hidden.write_bytes(b"user notes")  # created just after the watcher looked
+        return answer
+
+    monkeypatch.setattr(watcher.prune._Deleter, "_taken", taken_after_the_lookup)
+    assert cli.main([str(folder), "--once", "--keep-last", "2"]) == 1
+
+    assert hidden.read_bytes() == b"user notes"
+    assert (folder / victim).read_bytes() == samples.valid
+    left = set(os.listdir(folder)) - {".ckpt-watcher.lock", hidden.name}
+    assert left == {victim, ck(count - 1), ck(count)}

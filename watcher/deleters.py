@@ -279,7 +279,7 @@ def _serve(queue_read: int, record: struct.Struct, work, report, write_fd: int, 
 def _stop_with_parent() -> None:
     """Ask the kernel for SIGTERM when the main process dies, so no deletion outlives it."""
     try:
-        import ctypes  # here, so that the daemon never loads it
+        import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)

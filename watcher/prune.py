@@ -264,7 +264,10 @@ class _Deleter:
                 # the watcher must not delete.
                 result.failures.append((target.index, _HIDDEN_NAME_TAKEN.format(hidden=hidden)))
                 return
-            os.rename(name, hidden, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            _rename_to_hidden(name, hidden, dir_fd)
+        except FileExistsError:
+            result.failures.append((target.index, _HIDDEN_NAME_TAKEN_NOW.format(hidden=hidden)))
+            return
         except FileNotFoundError:
             log.info("already gone, nothing to prune: %r", name)
             result.skipped += 1
@@ -307,6 +310,57 @@ _HIDDEN_NAME_TAKEN = (
     "its hidden name {hidden!r} is taken by a file that an interrupted deletion left; the watcher "
     "never deletes that file, so move it away or delete it by hand"
 )
+
+
+_HIDDEN_NAME_TAKEN_NOW = (
+    "its hidden name {hidden!r} was taken by another file during the pass; the watcher never "
+    "deletes that file, so move it away or delete it by hand"
+)
+
+_RENAME_NOREPLACE = 1
+"""Flag of Linux's renameat2 that makes it fail with EEXIST instead of replacing the target."""
+
+
+def _load_renameat2():
+    """Return libc's renameat2 and ctypes.get_errno, or (None, None) where libc lacks renameat2."""
+    try:
+        import ctypes  # the daemon has it loaded already, through watchdog's inotify support
+
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError, ImportError):
+        return None, None
+    function.argtypes = (
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_uint,
+    )
+    function.restype = ctypes.c_int
+    return function, ctypes.get_errno
+
+
+_renameat2, _get_errno = _load_renameat2()
+
+
+def _rename_to_hidden(name: str, hidden: str, dir_fd: int) -> None:
+    """Rename `name` to `hidden` in the folder, never replacing a file that has that name.
+
+    Raise FileExistsError when `hidden` exists. Where renameat2 or its flag is missing (an old
+    C library or kernel, a filesystem without the flag), the hidden name is looked up first.
+    NOTE: that fallback leaves a window of microseconds in which a file created under the
+    hidden name is replaced.
+    """
+    if _renameat2 is not None:
+        if _renameat2(dir_fd, os.fsencode(name), dir_fd, os.fsencode(hidden), _RENAME_NOREPLACE):
+            code = _get_errno()
+            if code not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise OSError(code, os.strerror(code), name)
+        else:
+            return
+    if _exists(hidden, dir_fd):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), hidden)
+    os.rename(name, hidden, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
 
 
 def _exists(name: str, dir_fd: int) -> bool:
