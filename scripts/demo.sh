@@ -10,9 +10,27 @@ folder="$log_dir/checkpoints"
 mkdir -p "$folder"
 echo "== log dir: $log_dir"
 
+steps_on_disk() {
+  (cd "$folder" && ls model_v2_step*.pt 2>/dev/null) | sed -E 's/model_v2_step([0-9]+)_.*/\1/' \
+    | sort -n | tr '\n' ' '
+}
+
 show_folder() {
-  echo "== $(date +%T) checkpoints on disk: $(cd "$folder" && ls model_v2_step*.pt 2>/dev/null \
-    | sed -E 's/model_v2_step([0-9]+)_.*/\1/' | sort -n | tr '\n' ' ')"
+  echo "== $(date +%T) checkpoints on disk: $(steps_on_disk)"
+}
+
+# Wait until the watcher has handled the last save: the folder stays the same for 1 s (at most
+# 15 s), which a busy machine can need.
+settle_then_show() {
+  local before after
+  after=$(steps_on_disk)
+  for _ in $(seq 15); do
+    before=$after
+    sleep 1
+    after=$(steps_on_disk)
+    [ "$before" = "$after" ] && break
+  done
+  show_folder
 }
 
 # The watcher keeps the newest 2 checkpoints of each run plus every 100th step.
@@ -27,13 +45,11 @@ while kill -0 "$trainer_pid" 2>/dev/null; do
   sleep 2
 done
 wait "$trainer_pid"
-sleep 0.5
-show_folder
+settle_then_show
 
 echo "== resuming from the newest valid checkpoint and training to step 400"
 python -m trainer --steps 400 --save-every-steps 20 --log-dir "$log_dir" --resume
-sleep 0.5
-show_folder
+settle_then_show
 
 kill -TERM "$watcher_pid"
 wait "$watcher_pid"
