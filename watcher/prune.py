@@ -352,12 +352,13 @@ def _rename_to_hidden(name: str, hidden: str, dir_fd: int) -> None:
     hidden name is replaced.
     """
     if _renameat2 is not None:
-        if _renameat2(dir_fd, os.fsencode(name), dir_fd, os.fsencode(hidden), _RENAME_NOREPLACE):
-            code = _get_errno()
-            if code not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-                raise OSError(code, os.strerror(code), name)
-        else:
+        if not _renameat2(
+            dir_fd, os.fsencode(name), dir_fd, os.fsencode(hidden), _RENAME_NOREPLACE
+        ):
             return
+        code = _get_errno()
+        if code not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(code, os.strerror(code), name)
     if _exists(hidden, dir_fd):
         raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), hidden)
     os.rename(name, hidden, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
