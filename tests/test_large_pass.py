@@ -146,10 +146,10 @@ def test_hidden_name_taken_during_pass_survives(
     original_taken = watcher.prune._Deleter._taken
 
     def taken_after_the_lookup(deleter, name: str) -> bool:
-        answer = original_taken(deleter, name)
+        taken = original_taken(deleter, name)
         if name == PRUNING_PREFIX + victim:
-            hidden.write_bytes(b"user notes")  # created just after the watcher looked
-        return answer
+            hidden.write_bytes(b"user notes")  # created just after the watcher's lookup
+        return taken
 
     monkeypatch.setattr(watcher.prune._Deleter, "_taken", taken_after_the_lookup)
     assert cli.main([str(folder), "--once", "--keep-last", "2"]) == 1

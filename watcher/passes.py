@@ -110,9 +110,9 @@ class Pruner:
     before it is reported as a warning; 0 reports it at once, as a one-shot run wants. `report`
     gets each would-prune line of a dry run as text; without it the lines are logged at INFO, with
     JSON fields. `processes` above 1 lets a full pass delete from that many forked processes; only
-    a caller with no other thread running may ask for it. A Pruner made with `single_pass` runs one pass
-    (--once) and skips keeping what later passes would need: the folder model, arrivals and cache
-    upkeep took about 0.24 s of CPU on 100,000 files.
+    a caller with no other thread running may ask for it. A Pruner made with `single_pass` runs
+    one pass (--once) and skips keeping what later passes would need: the folder model, arrivals
+    and cache upkeep took about 0.24 s of CPU on 100,000 files.
 
     run() lists the whole folder. run_changed() looks only at the names that events reported and
     plans only their series again, from the folder as the last pass left it; it falls back to run()

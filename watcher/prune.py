@@ -111,15 +111,25 @@ def _confirmed(decision: Decision, confirm, result: PruneResult) -> bool:
         return True
     name = decision.entry.name
     if verdict is GONE:
-        log.info("already gone, nothing to prune: %r", name)
-        result.skipped += 1
-        result.gone.append(name)
+        _skip_gone(name, result)
     elif verdict is CHANGED:
-        log.warning("%r changed since the scan, left in place for the next pass", name)
-        result.skipped += 1
+        _skip_changed(name, result)
     else:
         result.kept_invalid[name] = verdict
     return False
+
+
+def _skip_gone(name: str, result: PruneResult) -> None:
+    """Record a name that is gone already, so nothing is deleted."""
+    log.info("already gone, nothing to prune: %r", name)
+    result.skipped += 1
+    result.gone.append(name)
+
+
+def _skip_changed(name: str, result: PruneResult) -> None:
+    """Record a file that changed since the scan, which stays for the next pass."""
+    log.warning("%r changed since the scan, left in place for the next pass", name)
+    result.skipped += 1
 
 
 class _Target(NamedTuple):
@@ -260,8 +270,8 @@ class _Deleter:
         hidden = PRUNING_PREFIX + name
         try:
             if self._taken(hidden):
-                # rename() would replace that file, which an interrupted deletion left and which
-                # the watcher must not delete.
+                # An interrupted deletion left that file, which the watcher never deletes, so the
+                # rename is not even tried.
                 result.failures.append((target.index, _HIDDEN_NAME_TAKEN.format(hidden=hidden)))
                 return
             _rename_to_hidden(name, hidden, dir_fd)
@@ -269,9 +279,7 @@ class _Deleter:
             result.failures.append((target.index, _HIDDEN_NAME_TAKEN_NOW.format(hidden=hidden)))
             return
         except FileNotFoundError:
-            log.info("already gone, nothing to prune: %r", name)
-            result.skipped += 1
-            result.gone.append(name)
+            _skip_gone(name, result)
             return
         except OSError as error:
             result.failures.append((target.index, _deletion_error(error)))
@@ -282,8 +290,7 @@ class _Deleter:
             if not is_version(current, target.dev, target.ino, target.size, target.mtime_ns):
                 # A link swapped in or a new save since the scan: the plan does not apply to it.
                 _put_back(hidden, name, dir_fd)
-                log.warning("%r changed since the scan, left in place for the next pass", name)
-                result.skipped += 1
+                _skip_changed(name, result)
                 return
             os.unlink(hidden, dir_fd=dir_fd)
         except OSError as error:
