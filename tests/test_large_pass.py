@@ -158,3 +158,65 @@ def test_hidden_name_taken_during_pass_survives(
     assert (folder / victim).read_bytes() == samples.valid
     left = set(os.listdir(folder)) - {".ckpt-watcher.lock", hidden.name}
     assert left == {victim, ck(count - 1), ck(count)}
+
+
+def _targets(folder: Path, names: list[str]) -> list:
+    """The deletion targets of `names`, with their current lstat results as the scan's."""
+    targets = []
+    for index, name in enumerate(names):
+        info = os.lstat(folder / name)
+        targets.append(
+            watcher.prune._Target(
+                index,
+                name,
+                info.st_dev,
+                info.st_ino,
+                info.st_size,
+                info.st_mtime_ns,
+                index + 1,
+                "series",
+                "older than the newest",
+            )
+        )
+    return targets
+
+
+def test_batch_stopped_part_way_puts_files_back(
+    folder: Path, samples: Samples, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stop between two unlinks puts the rest of the batch back and logs the deleted file.
+
+    A file replaced since the scan stays as it is."""
+    names = [ck(step) for step in range(1, 6)]
+    for name in names:
+        write_file(folder / name, samples.valid)
+    targets = _targets(folder, names)
+    replacement = folder / ".new.tmp"
+    write_file(replacement, samples.valid)
+    os.replace(replacement, folder / names[1])  # a new save since the scan
+    dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+
+    def stopping() -> bool:
+        """A stop request that arrives once the first file is deleted."""
+        return (
+            not (folder / names[0]).exists() and not (folder / (PRUNING_PREFIX + names[0])).exists()
+        )
+
+    result = watcher.prune.PruneResult()
+    deleter = watcher.prune._Deleter(dir_fd, watcher.prune.info_writer(watcher.prune.log), [])
+    try:
+        with caplog.at_level("INFO", logger="watcher.prune"):
+            deleter.delete_batch(targets, result, stopping)
+    finally:
+        os.close(dir_fd)
+
+    assert set(os.listdir(folder)) == set(names[1:])
+    assert (folder / names[1]).stat().st_ino != targets[1].ino
+    assert result.gone == [names[0]]
+    assert (result.pruned, result.skipped, result.failures) == (1, 1, [])
+    messages = [record.getMessage() for record in caplog.records]
+    pruned = [message for message in messages if message.startswith("pruned ")]
+    size = len(samples.valid)
+    assert pruned == [
+        f"pruned {names[0]!r} (step 1, series 'series', {size} bytes): older than the newest"
+    ]

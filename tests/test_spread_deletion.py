@@ -276,7 +276,7 @@ def test_one_deleting_process_stopped(
     assert f"deleting process {children[0]} {message}" in log
     assert "1 deleting process stopped early" in log.splitlines()[-1]
     # Only the files the stopped process had taken from the queue may be left, visible or
-    # hidden, besides the newest 2. SIGTERM lets it finish the file in hand, so none is hidden.
+    # hidden, besides the newest 2. SIGTERM lets it put back the files it hid, so none is hidden.
     queued = watcher.deleters.batch_size(watcher.prune._RECORD)
     assert len(visible(folder)) + len(hidden(folder)) <= 2 + queued
     if signum == signal.SIGTERM:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -109,19 +111,49 @@ def info_writer(logger: logging.Logger) -> Callable[[str, dict | None], None]:
         return lambda message, fields=None: logger.info("%s", message, extra={FIELDS: fields})
     formatter = handler.formatter
     name = logger.name
+    direct = _direct_output(handler.stream)
 
     def write(message: str, fields: dict | None = None) -> None:
         created = time.time()
         try:
             msecs = (created - int(created)) * 1000
             line = formatter.line(created, msecs, "INFO", name, message, fields)
+            line += handler.terminator
             with handler.lock:
-                handler.stream.write(line + handler.terminator)
-                handler.stream.flush()
+                stream = handler.stream
+                if direct is not None and stream is direct[0]:
+                    _write_all(direct[1], line.encode(direct[2], direct[3]))
+                else:
+                    stream.write(line)
+                    stream.flush()
         except Exception:  # noqa: BLE001 - the standard path reports it
             logger.info("%s", message, extra={FIELDS: fields})
 
     return write
+
+
+def _direct_output(stream) -> tuple[io.TextIOWrapper, int, str, str] | None:
+    """Return the stream, its file descriptor, encoding and error handler when a line can be
+    written to the descriptor directly; otherwise None.
+
+    In a loop that renamed, looked up and unlinked 30,000 files, a line per file through the
+    text stream and its flush added about 9 us of CPU per file, and os.write of the encoded line
+    about 5 us (one run each). The handler flushes the stream after every record, so no text
+    waits in its buffer.
+    """
+    if not isinstance(stream, io.TextIOWrapper):
+        return None
+    try:
+        stream.flush()
+        return stream, stream.fileno(), stream.encoding, stream.errors or "strict"
+    except (OSError, ValueError):
+        return None
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _ignore(message: str, fields: dict | None = None) -> None:
