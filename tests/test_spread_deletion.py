@@ -340,6 +340,7 @@ def test_all_deleting_processes_stopped(folder: Path, samples: Samples, tmp_path
     assert status == 1, log[-2000:]
     assert "no deleting process is left" in log
     assert log.count("stopped early: stopped by SIGTERM") == len(children)
+    assert f"{len(children)} deleting processes stopped early" in log.splitlines()[-1]
     assert len(visible(folder)) > 2, "the pass ended before the signals; nothing was tested"
     assert not hidden(folder)
     finish_and_compare(folder, 40_000)

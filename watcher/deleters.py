@@ -115,24 +115,29 @@ def run_spread(
         except OSError as error:
             os.close(queue_write)
             queue_write = -1
-            _collect(children)
+            _collect(children, batch_size(record))
             raise ForkFailed(error.errno, f"cannot start a deleting process: {error}") from None
         finally:
             os.close(queue_read)
         try:
-            lost = _send(feed, batch_size(record) * record.size, queue_write, children)
+            _send(feed, batch_size(record) * record.size, queue_write, children)
         finally:
-            os.close(queue_write)
-            queue_write = -1
-        reports, more = _collect(children)
-        return reports, lost + more
+            # Marked closed before the close, so that an interrupt cannot make it close twice.
+            write_end, queue_write = queue_write, -1
+            os.close(write_end)
+        return _collect(children, batch_size(record))
     except ForkFailed:
         raise
     except BaseException:
-        if queue_write >= 0:
-            os.close(queue_write)
-        _stop(children)
-        _collect(children)
+        # A second Ctrl-C waits until every process is stopped and collected, then interrupts.
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            if queue_write >= 0:
+                os.close(queue_write)
+            _stop(children)
+            _collect(children, batch_size(record))
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         raise
 
 
@@ -150,12 +155,12 @@ def _enlarge(pipe_fd: int) -> None:
 
 def _send(
     feed: Iterable[bytes], batch_bytes: int, queue_write: int, children: list[_Child]
-) -> list[str]:
+) -> None:
     """Write the records from `feed` into the queue in batches of `batch_bytes`.
 
     While the queue is full, the reports of the processes are read: a process that stopped early
     writes its report at once, and would wait on a full report pipe while this process waited on
-    the full queue.
+    the full queue. When no process is left, log that and stop.
     """
     os.set_blocking(queue_write, False)
     batch = bytearray()
@@ -168,8 +173,10 @@ def _send(
         if batch:
             _put(queue_write, batch, children)
     except BrokenPipeError:
-        return ["no deleting process is left, so the pass stopped; files not reached are untouched"]
-    return []
+        # Not one of the messages returned: those count the processes that stopped early.
+        log.error(
+            "no deleting process is left, so the pass stopped; files not reached are untouched"
+        )
 
 
 def _put(queue_write: int, batch: bytearray, children: list[_Child]) -> None:
@@ -300,10 +307,12 @@ def _stop(children: list[_Child]) -> None:
                 pass
 
 
-def _collect(children: list[_Child]) -> tuple[list[object], list[str]]:
+def _collect(children: list[_Child], batch: int) -> tuple[list[object], list[str]]:
     """Read each process's report to the end and reap it.
 
-    Safe to call again after an interrupt: what was read so far stays with each process.
+    `batch` is the largest number of records a process takes at a time, which the message about
+    a process that died names. Safe to call again after an interrupt: what was read so far stays
+    with each process.
     """
     for child in children:
         while child.read_fd >= 0:
@@ -329,8 +338,10 @@ def _collect(children: list[_Child]) -> tuple[list[object], list[str]]:
         else:
             ending = f"exited with status {os.waitstatus_to_exitcode(status)}"
         lost.append(
-            f"deleting process {child.pid} {ending} before it reported: its deletions are logged, "
-            "but missing from the counts; files it had not reached are untouched"
+            f"deleting process {child.pid} {ending} before it reported: its deletions are missing "
+            f"from the counts, and those of its last batch (up to {batch} files) may lack a log "
+            "line. Files it had hidden get their names back in the next pass, and files it had "
+            "not reached are untouched"
         )
     return reports, lost
 
@@ -341,8 +352,8 @@ def _read_report(child: _Child) -> None:
     if chunk:
         child.data += chunk
     else:
-        os.close(child.read_fd)
-        child.read_fd = -1
+        read_end, child.read_fd = child.read_fd, -1
+        os.close(read_end)
 
 
 def _unpickle(data: bytearray):

@@ -260,7 +260,8 @@ def _never() -> bool:
 
 
 class _Deleter:
-    """Deletes single checkpoints of one plan; see execute_plan for its arguments."""
+    """Deleter of the checkpoints of one plan, one file or one batch at a time; see execute_plan
+    for its arguments."""
 
     def __init__(
         self,
