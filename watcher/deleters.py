@@ -28,6 +28,8 @@ import sys
 import threading
 from collections.abc import Callable, Iterable
 
+from watcher.logs import write_all
+
 log = logging.getLogger(__name__)
 
 MIN_FILES = 1000
@@ -194,12 +196,6 @@ def _put(queue_write: int, batch: bytearray, children: list[_Child]) -> None:
                 _read_report(child)
 
 
-def _write_all(fd: int, data: bytes | bytearray) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
 class _Child:
     """A forked process and the pipe its report comes back through."""
 
@@ -282,7 +278,7 @@ def _serve(queue_read: int, record: struct.Struct, work, report, write_fd: int, 
     try:
         for handler in logging.getLogger().handlers:
             handler.flush()
-        _write_all(write_fd, pickle.dumps((report(), error_text), pickle.HIGHEST_PROTOCOL))
+        write_all(write_fd, pickle.dumps((report(), error_text), pickle.HIGHEST_PROTOCOL))
     finally:
         os._exit(0 if error_text is None else 1)
 
